@@ -1,0 +1,54 @@
+"""The table of `dreamrt` subcommands.
+
+Each command names its Hydra config (``configs/<config>.yaml``), the dataclass that types
+and validates it, and the job function that runs it. Modules are imported only when their
+command runs, so ``dreamrt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # words typed after `dreamrt`, e.g. "episodes info"
+    summary: str
+    config: str  # config name under configs/
+    schema: str  # "module:Dataclass" typing the composed config
+    job: str  # "module:function" with signature run(cfg, out_dir) -> JobResult | None
+    positional: tuple[str, ...] = ()  # config keys filled by positional arguments, in order
+    writes_outputs: bool = True  # False for read-only inspection commands (no output dir)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        name="episodes info",
+        summary="Summarise an episode store: episodes, frames, features, tasks, size on disk.",
+        config="episodes_info",
+        schema="dreamrt.episodes.inspect:InfoConfig",
+        job="dreamrt.episodes.inspect:run_info",
+        positional=("path",),
+        writes_outputs=False,
+    ),
+    Command(
+        name="episodes verify",
+        summary="Check every invariant of an episode store; exit 1 with what is wrong.",
+        config="episodes_verify",
+        schema="dreamrt.episodes.inspect:VerifyConfig",
+        job="dreamrt.episodes.inspect:run_verify",
+        positional=("path",),
+        writes_outputs=False,
+    ),
+    Command(
+        name="bench episodes",
+        summary="Episode store write and training-window read throughput vs an in-memory copy.",
+        config="bench_episodes",
+        schema="dreamrt.episodes.bench:BenchEpisodesConfig",
+        job="dreamrt.episodes.bench:run",
+    ),
+)
+
+
+def by_name() -> dict[str, Command]:
+    return {command.name: command for command in COMMANDS}
