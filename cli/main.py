@@ -144,13 +144,13 @@ def compose(command: Command, overrides: list[str]) -> tuple[Any, str]:
 def _compose_raw(command: Command, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     # Each yaml lists `<config>_schema` first in its defaults, so the dataclass types every key
     # (a misspelt key or a wrong type fails at composition) and supplies the defaults.
     from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     ConfigStore.instance().store(name=f"{command.config}_schema", node=_load(command.schema))
     GlobalHydra.instance().clear()

@@ -26,7 +26,7 @@ class PolicySpec:
     action_dim: int
     horizon: int  # actions predicted per call (Ta); the caller may execute fewer
     n_obs_steps: int = 1  # observation history the policy consumes (To)
-    action_mode: str = "relative"  # env action mode the actions are meant for
+    action_mode: str = "rel_cartesian"  # env action mode the actions are meant for (see sim.env.ACTION_MODES)
 
     def __post_init__(self) -> None:
         if self.rate_hz <= 0 or self.action_dim <= 0 or self.horizon <= 0 or self.n_obs_steps <= 0:
@@ -49,8 +49,12 @@ class ActionChunk:
 class Policy(Protocol):
     spec: PolicySpec
 
-    def reset(self) -> None:
-        """Forget any episode state (observation history, cached plans)."""
+    def reset(self, seed: int | None = None) -> None:
+        """Forget any episode state (observation history, cached plans).
+
+        ``seed`` fixes the randomness of the coming episode (e.g. sampler noise) so that an
+        evaluation gives the same result whichever worker process runs which episode.
+        """
 
     def act(self, observation: Observation) -> ActionChunk:
         """Return the next actions for this observation (and the history seen since reset)."""

@@ -9,6 +9,7 @@ paraphrases, so evaluation also measures generalisation to an unseen wording.
 from __future__ import annotations
 
 import numpy as np
+
 from dreamrt.sim.state import BLOCK_COLORS
 from dreamrt.sim.tasks import get_task
 

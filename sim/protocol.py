@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from dreamrt.errors import UserError
 from dreamrt.sim.state import BLOCK_COLORS, SymbolicState
 from dreamrt.sim.tasks import CATEGORIES, TASKS, category_of, get_task, task_names

@@ -39,6 +39,19 @@ class BlockState:
     lin_vel: np.ndarray  # (3,) m/s; "at rest" checks use its norm
     contacts: frozenset[str]  # names from SURFACES this block touches now (never itself)
 
+    def __eq__(self, other: object) -> bool:
+        # The generated __eq__ would compare numpy arrays elementwise and fail on truth testing.
+        if not isinstance(other, BlockState):
+            return NotImplemented
+        return (
+            np.array_equal(self.pos, other.pos)
+            and np.array_equal(self.euler, other.euler)
+            and np.array_equal(self.lin_vel, other.lin_vel)
+            and self.contacts == other.contacts
+        )
+
+    __hash__ = None  # mutable numpy fields: not hashable
+
 
 @dataclass(frozen=True)
 class SceneState:
@@ -51,6 +64,19 @@ class SceneState:
     blocks: dict[str, BlockState]  # keyed by colour, see BLOCK_COLORS
     tcp_pos: np.ndarray = field(default_factory=lambda: np.zeros(3))  # (3,) tool centre point
     gripper_width: float = 0.0  # metres between the fingers
+
+    def __eq__(self, other: object) -> bool:
+        # Exact comparison with numpy-aware fields (gymnasium's determinism check compares infos).
+        if not isinstance(other, SceneState):
+            return NotImplemented
+        scalars = ("slider", "drawer", "button", "switch", "lightbulb", "led", "gripper_width")
+        return (
+            all(getattr(self, k) == getattr(other, k) for k in scalars)
+            and self.blocks == other.blocks
+            and np.array_equal(self.tcp_pos, other.tcp_pos)
+        )
+
+    __hash__ = None  # mutable numpy fields: not hashable
 
     def scene_obs(self) -> np.ndarray:
         """CALVIN's 24-d scene observation: slider, drawer, button, switch, lightbulb, LED,

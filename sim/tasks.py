@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from dreamrt.errors import UserError, did_you_mean
 from dreamrt.sim.state import BLOCK_COLORS, SceneState
 

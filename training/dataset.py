@@ -1,0 +1,133 @@
+"""A torch Dataset of training windows from a dreamrt episode store.
+
+Each item is a dict of tensors: observation keys (To, ...), action keys (H, ...), windows and
+edge padding as :class:`dreamrt.episodes.SequenceSampler`. Low-dim values come as float32.
+Images (``observation.images.*``, stored HWC uint8) come as (To, C, H, W): float32 in [0, 1]
+with ``image_format="float"``, or uint8 with ``image_format="uint8"`` (convert on the GPU).
+Depth maps come as (To, 1, H, W) float32 in stored units. Values are not normalised: use
+:meth:`EpisodeDataset.normalizer` (statistics over the whole store).
+
+DataLoader workers: the dataset never pickles an open zarr handle. Each process opens the
+store itself on first access (``__getstate__`` drops handles; a forked worker notices its new
+pid and reopens). ``cache`` picks what is read into memory once, in the constructor:
+``"lowdim"`` (default: everything but images/depth), ``"all"`` or ``"none"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from dreamrt.episodes.format import VISUAL_PREFIXES
+from dreamrt.episodes.normalize import Normalizer
+from dreamrt.episodes.reader import open_store
+from dreamrt.episodes.sampler import SamplerConfig, SequenceSampler, split_episodes
+from dreamrt.errors import UserError, choose
+
+
+@dataclass
+class EpisodeDatasetConfig:
+    path: str  # the episode store
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    split: str = "train"  # "train" | "val" | "all"
+    val_ratio: float = 0.0  # fraction of episodes held out for "val" (seeded, by episode)
+    seed: int = 0
+    image_format: str = "float"  # "float": float32 in [0, 1]; "uint8": raw bytes
+    cache: str = "lowdim"  # "lowdim" | "all" | "none": keys read into memory up front
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise UserError("EpisodeDatasetConfig.path is empty: give the episode store to train on.")
+        if isinstance(self.sampler, dict):
+            self.sampler = SamplerConfig(**self.sampler)
+        choose("split", self.split, ("train", "val", "all"))
+        choose("image_format", self.image_format, ("float", "uint8"))
+        choose("cache", self.cache, ("lowdim", "all", "none"))
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise UserError(f"val_ratio must be in [0, 1), got {self.val_ratio}.")
+        if self.split == "val" and self.val_ratio == 0:
+            raise UserError("split='val' needs val_ratio > 0 (e.g. 0.1).")
+
+
+class EpisodeDataset(torch.utils.data.Dataset):
+    def __init__(self, cfg: EpisodeDatasetConfig):
+        self.cfg = cfg
+        store = open_store(cfg.path)
+        self.features = store.features
+        self.stats = store.stats
+        self.num_episodes = store.num_episodes
+        self.num_frames = store.num_frames  # rows past this (appended later) are never read
+        val = split_episodes(store.num_episodes, cfg.val_ratio, cfg.seed)
+        mask = {"train": ~val, "val": val, "all": np.ones_like(val)}[cfg.split]
+        self.episode_mask = mask
+        obs_keys = cfg.sampler.obs_keys
+        if obs_keys is None:
+            obs_keys = [k for k in store.keys if k.startswith("observation.")]
+        keys = [*obs_keys, *cfg.sampler.action_keys]
+        missing = [k for k in keys if k not in store.features]
+        if missing:
+            raise UserError(f"Keys {missing} are not in '{cfg.path}'. Stored keys: {store.keys}.")
+        self._keys = keys
+        cached = [k for k in keys if _wants_cache(cfg.cache, k)]
+        self._cached = {k: store.read(k, 0, self.num_frames) for k in cached}
+        self._handles: dict[str, Any] | None = None
+        self._handles_pid = -1
+        self.sampler = SequenceSampler(self._arrays(store), store.episode_ends, cfg.sampler, mask)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        window = self.sampler.sample(int(idx), self._arrays())
+        return {key: self._to_tensor(key, value) for key, value in window.items()}
+
+    def split_dataset(self, split: str) -> EpisodeDataset:
+        """The same store and settings with another split (e.g. "val" for validation)."""
+        return EpisodeDataset(replace(self.cfg, split=split))
+
+    def normalizer(self, modes: dict[str, str] | None = None) -> Normalizer:
+        """Normaliser from the store's statistics (default: min-max for low-dim obs and actions)."""
+        return Normalizer.from_stats(self.stats, modes)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = None  # never ship an open store to another process
+        state["_handles_pid"] = -1
+        sampler = copy.copy(self.sampler)
+        sampler.arrays = {}
+        state["sampler"] = sampler
+        return state
+
+    def _arrays(self, store: Any = None) -> dict[str, Any]:
+        """Key -> array for this process: cached numpy arrays, zarr arrays for the rest."""
+        if self._handles is None or self._handles_pid != os.getpid():
+            store = store if store is not None else open_store(self.cfg.path)
+            self._handles = {k: self._cached[k] if k in self._cached else store.array(k) for k in self._keys}
+            self._handles_pid = os.getpid()
+        return self._handles
+
+    def _to_tensor(self, key: str, value: np.ndarray) -> torch.Tensor:
+        if key.startswith("observation.images."):
+            chw = value.transpose(
+                0, 3, 1, 2
+            )  # (To, C, H, W); numpy copies beat torch's threaded permute here
+            if self.cfg.image_format == "uint8":
+                return torch.from_numpy(np.ascontiguousarray(chw))
+            return torch.from_numpy(chw.astype(np.float32) / np.float32(255.0))
+        if key.startswith("observation.depth."):
+            depth = value if value.ndim == 4 else value[..., None]  # (To, H, W, 1)
+            return (
+                torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))
+                .permute(0, 3, 1, 2)
+                .contiguous()
+            )
+        return torch.from_numpy(np.asarray(value, dtype=np.float32))
+
+
+def _wants_cache(cache: str, key: str) -> bool:
+    return cache == "all" or (cache == "lowdim" and not key.startswith(VISUAL_PREFIXES))
