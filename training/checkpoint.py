@@ -48,8 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import dreamrt
 import yaml
+
+import dreamrt
 from dreamrt.errors import UserError, did_you_mean
 from dreamrt.training.rng import RngState, capture_rng_state, restore_rng_state
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from dreamrt.errors import UserError
 
 if TYPE_CHECKING:

@@ -14,10 +14,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import dreamrt
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+import dreamrt
 from dreamrt.episodes.normalize import Normalizer
 from dreamrt.errors import UserError
 from dreamrt.training.checkpoint import (
@@ -36,7 +38,6 @@ from dreamrt.training.checkpoint import (
     write_run_checkpoint,
 )
 from dreamrt.training.rng import capture_rng_state, restore_rng_state, seed_everything
-from torch import nn
 
 
 def tiny_mlp(hidden: int = 8, depth: int = 2) -> nn.Module:
