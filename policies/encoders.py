@@ -26,6 +26,7 @@ K keypoints, O output feature dim.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dreamrt.errors import UserError, choose, did_you_mean
+from dreamrt.errors import UserError, choose
 from dreamrt.policies.language import EMBED_DIM, SentenceEncoder
 
 IMAGE_PREFIX = "observation.images."
@@ -59,9 +60,8 @@ def random_crop(images: Tensor, height: int, width: int, generator: torch.Genera
     rows = top[:, None] + torch.arange(height, device=images.device)  # (B, height)
     cols = left[:, None] + torch.arange(width, device=images.device)  # (B, width)
     batch = torch.arange(b, device=images.device)[:, None, None]
-    crops = images.permute(0, 3, 4, 1, 2)[
-        batch, rows[:, :, None], cols[:, None, :]
-    ]  # (B, height, width, To, C)
+    spatial_first = images.permute(0, 3, 4, 1, 2)  # (B, H, W, To, C): index B, H, W in one gather
+    crops = spatial_first[batch, rows[:, :, None], cols[:, None, :]]  # (B, height, width, To, C)
     return crops.permute(0, 3, 4, 1, 2)
 
 
@@ -307,7 +307,11 @@ class ObservationEncoder(nn.Module):
         """obs: the configured keys, plus ``task`` (B strings) or ``task_embedding`` (B, 384) with language."""
         missing = [k for k in self.config.input_keys if k != TASK_EMBEDDING_KEY and k not in obs]
         if missing:
-            hints = "".join(did_you_mean(k, obs.keys()) for k in missing)
+            hints = "".join(
+                f" '{close[0]}' looks like a misspelling of '{k}'."
+                for k in missing
+                if (close := difflib.get_close_matches(k, [str(o) for o in obs], n=1, cutoff=0.8))
+            )
             raise UserError(
                 f"Observation lacks {missing}; it has {sorted(obs)}.{hints} Provide those keys or change "
                 "ObsEncoderConfig (lowdim_keys / cameras)."
@@ -341,10 +345,8 @@ class ObservationEncoder(nn.Module):
             )
         n_low, n_cam = len(cfg.lowdim_keys), len(cfg.cameras)
         lowdim, images = inputs[:n_low], inputs[n_low : n_low + n_cam]
-        reference = (lowdim or images)[0] if (lowdim or images) else None
-        b, to = (
-            (reference.shape[0], reference.shape[1]) if reference is not None else (inputs[-1].shape[0], 1)
-        )
+        # B and To come from the first low-dim or image input; a language-only encoder has To = 1.
+        b, to = (inputs[0].shape[0], inputs[0].shape[1]) if n_low + n_cam else (inputs[0].shape[0], 1)
         parts: list[Tensor] = []
         for key, dim, x in zip(cfg.lowdim_keys, cfg.lowdim_dims, lowdim):
             if x.ndim != 3 or x.shape[0] != b or x.shape[1] != to or x.shape[2] != dim:
@@ -366,7 +368,7 @@ class ObservationEncoder(nn.Module):
             lang = self.language(
                 embedding.to(self.language.weight.device, torch.float32)
             )  # (B, language_dim)
-            parts.append(lang[:, None, :].expand(b, to, lang.shape[-1]))
+            parts.append(lang[:, None, :].expand(b, to, lang.shape[-1]))  # the same for every step
         features = torch.cat(parts, dim=-1)  # (B, To, concat_dim)
         return self.out(features) if self.out is not None else features
 
@@ -381,7 +383,10 @@ class ObservationEncoder(nn.Module):
                 f"or (B, To, {cam.height}, {cam.width}, 3). Check the camera's height/width in ObsEncoderConfig."
             )
         h, w = cam.crop
-        if (h, w) != (cam.height, cam.width):  # crop before converting: 4x less data to move while uint8
+        if (h, w) != (
+            cam.height,
+            cam.width,
+        ):  # crop first: fewer pixels to convert, and uint8 moves 4x fewer bytes
             x = random_crop(x, h, w) if self.training else center_crop(x, h, w)
         if x.dtype == torch.uint8:
             return x.float() * (2.0 / 255.0) - 1.0

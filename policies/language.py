@@ -250,7 +250,7 @@ class SentenceEncoder:
         self._fingerprints: set[str] = set()  # weights behind the cached rows (from files)
         self._loaded: _Loaded | None = None
         self._lock = threading.Lock()
-        self._disk: dict[str, Tensor] | None = None  # hash -> (D,), read on first use
+        self._disk: dict[str, Tensor] | None = None  # hash -> (D,), from cache_file
         self.model_calls = 0  # transformer forward passes so far
         self.hits = 0
         self.misses = 0
@@ -259,6 +259,17 @@ class SentenceEncoder:
 
     def __deepcopy__(self, memo: dict) -> SentenceEncoder:
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # For multiprocessing (spawned DataLoader workers): ship the caches, not the lock or the
+        # model; a worker that meets an unknown string loads the model itself.
+        state = dict(self.__dict__)
+        state["_lock"], state["_loaded"] = None, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @property
     def model_loaded(self) -> bool:
@@ -350,14 +361,20 @@ class SentenceEncoder:
         from safetensors import safe_open
 
         path = self.config.cache_file
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise UserError(
-                    f"'{path}' is not a dreamrt instruction-embedding cache (format {meta.get('format')!r}, "
-                    f"expected {_FORMAT!r}). Point cache_file at a new path or delete the file."
-                )
-            self._disk = {k: _check_embeddings(f.get_tensor(k).reshape(1, -1), path)[0] for k in f.keys()}
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+                rows = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+            raise UserError(
+                f"Cannot read the instruction cache '{path}' ({err}). Delete it; it is rebuilt."
+            ) from err
+        if meta.get("format") != _FORMAT:
+            raise UserError(
+                f"'{path}' is not a dreamrt instruction-embedding cache (format {meta.get('format')!r}, "
+                f"expected {_FORMAT!r}). Point cache_file at a new path or delete the file."
+            )
+        self._disk = {k: _check_embeddings(row.reshape(1, -1), path)[0] for k, row in rows.items()}
         if meta.get("model"):
             self._fingerprints.add(meta["model"])
         self._check_fingerprints()
@@ -425,9 +442,15 @@ def load_embeddings(directory: str | Path) -> tuple[dict[str, Tensor], str]:
             f"'{directory}' lacks {missing}: it holds no precomputed instruction embeddings. "
             "Create them with dreamrt.policies.language.precompute_embeddings(instructions, directory)."
         )
-    with safe_open(str(paths[0]), "pt") as f:
-        meta = f.metadata() or {}
-        matrix = _check_embeddings(f.get_tensor("embeddings"), str(paths[0]))
+    try:
+        with safe_open(str(paths[0]), "pt") as f:
+            meta = f.metadata() or {}
+            matrix = f.get_tensor("embeddings")
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise UserError(
+            f"'{paths[0]}' is not a readable embedding file ({err}). Recompute it with precompute_embeddings()."
+        ) from err
+    matrix = _check_embeddings(matrix, str(paths[0]))
     texts = json.loads(paths[1].read_text())
     if not isinstance(texts, list) or len(texts) != len(matrix) or not all(isinstance(t, str) for t in texts):
         raise UserError(
