@@ -13,7 +13,8 @@ sources are three categories, the four light switches are one. See ``docs/calvin
 Conventions the checks rely on (the environment must produce them):
 - ``BlockState.euler`` is (roll, pitch, yaw) with R = Rz(yaw) @ Ry(pitch) @ Rx(roll), as
   PyBullet's ``getEulerFromQuaternion`` that CALVIN's scene_obs uses.
-- "left"/"right" for a push are -x/+x (the robot faces +y across the desk); a rotation to the
+- "left"/"right" for a push are +x/-x: the robot faces -y across the desk, so its left is +x
+  (CALVIN's robot faces +y and uses -x; the sign follows the scene, the meaning does not); a rotation to the
   left is counter-clockwise seen from above (positive yaw).
 - The slider joint grows to the left (0.28 m = left), the drawer joint grows when opening.
 """
@@ -231,7 +232,7 @@ def _build_tasks() -> dict[str, Task]:
                 )
             )
     for color in BLOCK_COLORS:
-        for side, sign in (("right", 1), ("left", -1)):
+        for side, sign in (("right", -1), ("left", 1)):
             tasks.append(
                 Task(
                     f"push_{color}_block_{side}",

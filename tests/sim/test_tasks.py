@@ -106,7 +106,7 @@ def _cases() -> dict[str, tuple[SceneState, SceneState, dict[str, NearMiss]]]:
                     ),
                 },
             )
-        for side, sign in (("right", 1), ("left", -1)):
+        for side, sign in (("right", -1), ("left", 1)):
             cases[f"push_{color}_block_{side}"] = (
                 s,
                 moved(s, color, dx=sign * 0.15, contacts={"table", "robot"}),
