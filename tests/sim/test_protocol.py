@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+
 from dreamrt.errors import UserError
 from dreamrt.sim import protocol as P
 from dreamrt.sim.state import BLOCK_COLORS, SymbolicState
