@@ -47,6 +47,34 @@ COMMANDS: tuple[Command, ...] = (
         schema="dreamrt.episodes.bench:BenchEpisodesConfig",
         job="dreamrt.episodes.bench:run",
     ),
+    Command(
+        name="eval",
+        summary="CALVIN long-horizon evaluation (SR1..SR5, average length) with videos and a per-task chart.",
+        config="eval",
+        schema="dreamrt.sim.evaluate:EvalConfig",
+        job="dreamrt.sim.evaluate:run",
+    ),
+    Command(
+        name="record",
+        summary="Record demonstrations (scripted expert by default) into an episode store: out=PATH episodes=N.",
+        config="record",
+        schema="dreamrt.sim.record:RecordConfig",
+        job="dreamrt.sim.record:run",
+    ),
+    Command(
+        name="demo",
+        summary="A one-minute demo: the expert on 5 evaluation chains, SR1..SR5 and a video.",
+        config="demo",
+        schema="dreamrt.sim.demo:DemoConfig",
+        job="dreamrt.sim.demo:run",
+    ),
+    Command(
+        name="bench sim",
+        summary="CALVIN-style env steps/s with and without cameras, and the wall time of an evaluation.",
+        config="bench_sim",
+        schema="dreamrt.sim.bench:BenchSimConfig",
+        job="dreamrt.sim.bench:run",
+    ),
 )
 
 

@@ -21,7 +21,12 @@ class PolicyConfig:
             choose("policy", self.name, BUILTIN_POLICIES)
 
 
-def make_policy(cfg: PolicyConfig, *, action_dim: int = 7, rate_hz: float = 30.0) -> Policy:
+def make_policy(
+    cfg: PolicyConfig, *, action_dim: int = 7, rate_hz: float = 30.0, scene: str = "D", expert_noise=None
+) -> Policy:
+    """Build the configured policy. ``scene`` is the env's scene variant (the expert needs its
+    layout); ``expert_noise`` (a ``dreamrt.sim.expert.ExpertNoise`` or None) varies the expert's
+    demonstrations and is ignored by other policies."""
     if cfg.path is not None:
         return load_policy(cfg.path)
     if cfg.name == "random":
@@ -31,7 +36,7 @@ def make_policy(cfg: PolicyConfig, *, action_dim: int = 7, rate_hz: float = 30.0
     # The expert reads privileged scene state, so it lives with the simulator it scripts.
     from dreamrt.sim.expert import ScriptedExpert
 
-    return ScriptedExpert(seed=cfg.seed)
+    return ScriptedExpert(scene=scene, seed=cfg.seed, noise=expert_noise)
 
 
 def load_policy(path: str) -> Policy:

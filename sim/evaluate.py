@@ -1,0 +1,259 @@
+"""`dreamrt eval`: CALVIN's long-horizon evaluation of a policy in the CALVIN-style scene.
+
+    dreamrt eval [policy=expert|random | policy.path=CKPT] [num_chains=1000] [num_workers=2]
+                 [env.scene=D] [videos=3] [video_format=gif|mp4] [--json PATH]
+
+The protocol (``docs/calvin_protocol.md``, ``docs/evaluation.md``): ``num_chains`` chains from
+``protocol.generate_chains(num_chains, seed)``; each chain resets the scene once into its
+symbolic start state (seeded by the chain's index), then asks for its five tasks in order with
+their evaluation instructions, no reset in between; a subtask gets up to
+``max_steps_per_subtask`` steps and succeeds the first step its check fires; the chain stops
+at the first failure. Rollouts run in ``num_workers`` processes (:mod:`dreamrt.sim.rollout`).
+
+Writes into the run directory: ``results.json`` (the summary below), ``per_task.png`` and
+``videos/chain_<i>.<fmt>`` for the first ``videos`` chains. The summary is
+:func:`dreamrt.sim.protocol.summarize`'s dict (avg_len, sr, per_task, num_chains, chains) plus
+``wall_time_s``, ``env_steps``, ``steps_per_s``, ``interrupted`` and ``artifacts``. Ctrl-C
+stops the rollouts and writes the chains that finished (``interrupted: true``, exit code 130).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dreamrt.errors import UserError
+from dreamrt.jobs import JobResult
+from dreamrt.policies.factory import PolicyConfig
+from dreamrt.sim.env import CONTROL_HZ, EnvConfig
+
+EXIT_INTERRUPTED = 130
+VIDEO_HOLD_FRAMES = 15  # the last frame repeats so the outcome stays readable
+
+
+@dataclass
+class EvalConfig:
+    env: EnvConfig = field(default_factory=EnvConfig)  # the scene (D for CALVIN's evaluation) and its cameras
+    policy: PolicyConfig = field(default_factory=PolicyConfig)  # policy=expert|random or policy.path=DIR
+    num_chains: int = 1000  # CALVIN evaluates 1000 chains of 5 tasks
+    seed: int = 0  # chain generation, and the per-chain env and policy seeds
+    max_steps_per_subtask: int = 360
+    num_workers: int = 2  # rollout processes (0: run in this process)
+    # Observation images: null = only when the policy reads images (or env.depth/segmentation is on).
+    cameras: bool | None = None
+    videos: int = 3  # film the first N chains (static camera, instruction drawn on the frames)
+    video_format: str = "gif"  # gif | mp4 (mp4 needs imageio-ffmpeg)
+    video_width: int = 288  # pixels; the static camera image is upscaled to this
+    video_stride: int = 2  # keep every n-th control step in videos (played back at 30 Hz / n)
+    progress: bool = True  # tqdm bar over chains
+
+    def __post_init__(self) -> None:
+        from dreamrt.sim.video import check_video_format
+
+        if self.num_chains < 1:
+            raise UserError(f"num_chains={self.num_chains}; expected a positive int (CALVIN uses 1000).")
+        if self.seed < 0:
+            raise UserError(f"seed={self.seed}; expected a non-negative int.")
+        if self.max_steps_per_subtask < 1:
+            raise UserError(
+                f"max_steps_per_subtask={self.max_steps_per_subtask}; expected a positive int (CALVIN: 360)."
+            )
+        if self.num_workers < 0:
+            raise UserError(
+                f"num_workers={self.num_workers}; expected 0 (in this process) or a positive int."
+            )
+        if self.videos < 0:
+            raise UserError(f"videos={self.videos}; expected how many chains to film (0 for none).")
+        check_video_format(self.video_format)
+        if not 64 <= self.video_width <= 1920:
+            raise UserError(f"video_width={self.video_width}; expected 64..1920 pixels.")
+        if self.video_stride < 1:
+            raise UserError(f"video_stride={self.video_stride}; expected a positive int.")
+
+
+def build_policies(policy_cfg: PolicyConfig, env_cfg: EnvConfig, count: int, expert_noise=None) -> list:
+    """``count`` independent instances of the configured policy (one per sub-environment)."""
+    from dreamrt.policies.factory import make_policy
+
+    return [
+        make_policy(
+            policy_cfg, action_dim=7, rate_hz=CONTROL_HZ, scene=env_cfg.scene, expert_noise=expert_noise
+        )
+        for _ in range(count)
+    ]
+
+
+def resolve_env_config(env_cfg: EnvConfig, cameras: bool | None, policy) -> EnvConfig:
+    """The env config with ``cameras`` decided: forced by the caller, or on iff the policy reads images."""
+    from dreamrt.sim.rollout import policy_image_keys
+
+    wants_images = bool(policy_image_keys(policy))
+    if cameras is None:
+        cameras = wants_images or env_cfg.depth or env_cfg.segmentation
+    if wants_images and not cameras:
+        raise UserError(
+            f"The policy reads images {policy_image_keys(policy)} but cameras=false. Leave cameras unset (auto) "
+            "or set cameras=true."
+        )
+    return replace(env_cfg, cameras=bool(cameras))
+
+
+def chain_specs(chains: list, seed: int, films: int) -> list:
+    """EpisodeSpecs for evaluation chains: evaluation instructions, seeds from (seed, chain index)."""
+    from dreamrt.sim.language import eval_instruction
+    from dreamrt.sim.rollout import EpisodeSpec, derive_seed
+
+    return [
+        EpisodeSpec(
+            index=i,
+            start_state=chain.start_state,
+            tasks=chain.tasks,
+            instructions=tuple(eval_instruction(t) for t in chain.tasks),
+            env_seed=derive_seed(seed, i, 0),
+            policy_seeds=tuple(derive_seed(seed, i, 1 + k) for k in range(len(chain.tasks))),
+            film=i < films,
+        )
+        for i, chain in enumerate(chains)
+    ]
+
+
+def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], bool]:
+    """Run the evaluation; returns (summary, interrupted). Writes artifacts when ``out_dir`` is set."""
+    from tqdm import tqdm
+
+    from dreamrt.sim import protocol
+    from dreamrt.sim.rollout import run_episodes
+
+    chains = protocol.generate_chains(cfg.num_chains, cfg.seed)
+    films = min(cfg.videos, cfg.num_chains) if out_dir is not None else 0
+    specs = chain_specs(chains, cfg.seed, films)
+    policies = build_policies(cfg.policy, cfg.env, max(1, cfg.num_workers))
+    env_cfg = resolve_env_config(cfg.env, cfg.cameras, policies[0])
+
+    results: dict[int, protocol.ChainResult] = {}
+    videos: dict[int, list] = {}
+    steps = 0
+    bar = tqdm(total=cfg.num_chains, unit="chain", desc="eval", disable=not cfg.progress)
+
+    def on_outcome(outcome) -> None:
+        i = outcome.spec.index
+        results[i] = protocol.ChainResult(outcome.spec.tasks, outcome.num_success)
+        if outcome.video is not None:
+            videos[i] = outcome.video
+        bar.update(1)
+        bar.set_postfix(avg_len=f"{sum(r.num_success for r in results.values()) / len(results):.2f}")
+
+    def on_step(n: int) -> None:
+        nonlocal steps
+        steps += n
+
+    interrupted = False
+    start = time.perf_counter()
+    try:
+        run_episodes(
+            specs,
+            policies,
+            env_cfg,
+            num_workers=cfg.num_workers,
+            max_steps_per_subtask=cfg.max_steps_per_subtask,
+            video=films > 0,
+            on_outcome=on_outcome,
+            on_step=on_step,
+        )
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    wall = time.perf_counter() - start
+
+    if not results:
+        summary: dict[str, Any] = {"num_chains": 0, "chains": []}
+    else:
+        # In chain order, not completion order, so the output does not depend on the workers.
+        summary = protocol.summarize([results[i] for i in sorted(results)])
+    summary.update(
+        wall_time_s=wall,
+        env_steps=steps,
+        steps_per_s=steps / wall if wall > 0 else 0.0,
+        interrupted=interrupted,
+    )
+    if out_dir is not None:
+        summary["artifacts"] = write_artifacts(cfg, summary, videos, Path(out_dir))
+    return summary, interrupted
+
+
+def write_artifacts(cfg: EvalConfig, summary: dict, videos: dict[int, list], out_dir: Path) -> dict[str, Any]:
+    """results.json, per_task.png and the videos; returns their paths."""
+    from dreamrt.sim.protocol import CHAIN_LENGTH
+    from dreamrt.sim.video import caption_frame, per_task_chart, write_video
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts: dict[str, Any] = {"results": str(out_dir / "results.json"), "chart": None, "videos": []}
+    if summary.get("per_task"):
+        attempts: dict[str, int] = {}
+        for chain in summary["chains"]:
+            for task in chain["tasks"][: chain["num_success"] + 1]:
+                attempts[task] = attempts.get(task, 0) + 1
+        title = (
+            f"{_policy_name(cfg.policy)} on scene {cfg.env.scene}: {summary['num_chains']} chains, "
+            f"avg len {summary['avg_len']:.2f}, SR " + " ".join(f"{s:.2f}" for s in summary["sr"])
+        )
+        artifacts["chart"] = str(
+            per_task_chart(out_dir / "per_task.png", summary["per_task"], attempts, title)
+        )
+    for i in sorted(videos):
+        frames = videos[i]
+        n = CHAIN_LENGTH
+        rendered = []
+        for t, (frame, instruction, done) in enumerate(frames):
+            last = t == len(frames) - 1
+            if t % cfg.video_stride and not last:
+                continue
+            if last:  # how the chain ended, held on screen for a second
+                status = f"all {n} done" if done == n else f"{done} done, task {done + 1} failed"
+                header = f"chain {i}  task {min(done + 1, n)}/{n}"
+                rendered += [
+                    caption_frame(frame, header, instruction, cfg.video_width, status)
+                ] * VIDEO_HOLD_FRAMES
+            else:
+                header = f"chain {i}  task {done + 1}/{n}"
+                rendered.append(
+                    caption_frame(frame, header, instruction, cfg.video_width, f"{done} done" if done else "")
+                )
+        fps = CONTROL_HZ / cfg.video_stride
+        path = write_video(out_dir / "videos" / f"chain_{i:03d}", rendered, fps, cfg.video_format)
+        artifacts["videos"].append(str(path))
+    (out_dir / "results.json").write_text(json.dumps({**summary, "artifacts": artifacts}, indent=2) + "\n")
+    return artifacts
+
+
+def _policy_name(policy: PolicyConfig) -> str:
+    return policy.path if policy.path else policy.name
+
+
+def run(cfg: EvalConfig, out_dir: Path | None = None) -> JobResult:
+    summary, interrupted = evaluate(cfg, out_dir)
+    print(format_summary(summary))
+    return JobResult(summary=summary, exit_code=EXIT_INTERRUPTED if interrupted else 0)
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines: SR_1..SR_5, average length, speed, where things were written."""
+    if not summary.get("num_chains"):
+        return "no chain finished"
+    lines = [
+        f"{summary['num_chains']} chains{' (interrupted: finished chains only)' if summary.get('interrupted') else ''}",
+        "SR1..SR5: " + "  ".join(f"{s:.3f}" for s in summary["sr"]) + f"   avg len: {summary['avg_len']:.3f}",
+        f"{summary['env_steps']} env steps in {summary['wall_time_s']:.1f} s ({summary['steps_per_s']:.0f} steps/s)",
+    ]
+    art = summary.get("artifacts")
+    if art:
+        lines.append(f"results: {art['results']}")
+        if art.get("chart"):
+            lines.append(f"per-task chart: {art['chart']}")
+        for v in art.get("videos", []):
+            lines.append(f"video: {v}")
+    return "\n".join(lines)

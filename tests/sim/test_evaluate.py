@@ -1,0 +1,201 @@
+"""`dreamrt eval`: the chain-running env (no reset between subtasks, stop at the first failure),
+the parallel driver (results independent of the worker count), the job's outputs and its CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is first imported
+
+import imageio.v3 as iio  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from dreamrt.cli.main import main  # noqa: E402
+from dreamrt.errors import UserError  # noqa: E402
+from dreamrt.policies.factory import PolicyConfig  # noqa: E402
+from dreamrt.policies.random_policy import RandomPolicy  # noqa: E402
+from dreamrt.sim import protocol, scene  # noqa: E402
+from dreamrt.sim.env import EnvConfig  # noqa: E402
+from dreamrt.sim.evaluate import VIDEO_HOLD_FRAMES, EvalConfig, chain_specs, run  # noqa: E402
+from dreamrt.sim.language import eval_instruction  # noqa: E402
+from dreamrt.sim.rollout import ChainEnv, EpisodeSpec, run_episodes  # noqa: E402
+from dreamrt.sim.state import SymbolicState  # noqa: E402
+from dreamrt.sim.video import mp4_available  # noqa: E402
+
+HOLD_OPEN = np.array([0, 0, 0, 0, 0, 0, 1.0])  # stand still, gripper open
+
+
+def _spec(tasks, **state) -> EpisodeSpec:
+    base = dict(
+        led=0,
+        lightbulb=0,
+        slider="right",
+        drawer="closed",
+        blocks={"red": "table", "blue": "table", "pink": "slider_left"},
+    )
+    base.update(state)
+    return EpisodeSpec(
+        index=0,
+        start_state=SymbolicState(**base),
+        tasks=tuple(tasks),
+        instructions=tuple(eval_instruction(t) for t in tasks),
+        env_seed=3,
+        policy_seeds=(1,) * len(tasks),
+    )
+
+
+def _set_joint(env: ChainEnv, name: str, value: float) -> None:
+    inner = env.env
+    inner.data.qpos[inner.model.joint(name).qposadr[0]] = value
+    inner.data.qvel[inner.model.joint(name).dofadr[0]] = 0.0
+
+
+def test_chain_env_switches_subtasks_without_reset_and_stops_at_first_failure():
+    env = ChainEnv(EnvConfig(cameras=False), max_steps_per_subtask=5)
+    spec = _spec(["open_drawer", "turn_on_lightbulb", "move_slider_left"])
+    obs, info = env.reset(options={"episode": spec})
+    assert obs["task"] == eval_instruction("open_drawer")
+    assert info["env_resets"] == 1 and info["new_subtask"] and info["subtask"] == 0
+
+    # Subtask 1 succeeds the first step its check fires: open the drawer by hand.
+    _set_joint(env, "drawer", scene.DRAWER_RANGE)
+    obs, _, terminated, _, info = env.step(HOLD_OPEN)
+    assert info["success"] and info["new_subtask"] and info["num_success"] == 1 and not terminated
+    assert info["subtask"] == 0 and info["subtask_steps"] == 1
+    assert obs["task"] == eval_instruction("turn_on_lightbulb")  # the next instruction at once
+    assert env.env.instruction == eval_instruction("turn_on_lightbulb")
+
+    # No reset between subtasks: the open drawer carries over and the reset count stays 1.
+    obs, _, terminated, _, info = env.step(HOLD_OPEN)
+    assert obs["observation.environment_state"][1] > 0.2
+    assert info["env_resets"] == 1 and env.num_env_resets == 1 and not info["success"]
+    assert info["subtask"] == 1 and info["subtask_steps"] == 1
+
+    # Subtask 2 is checked against the snapshot taken when it began (drawer already open).
+    _set_joint(env, "switch", scene.SWITCH_RANGE)
+    obs, _, terminated, _, info = env.step(HOLD_OPEN)
+    assert (
+        info["success"] and info["num_success"] == 2 and obs["task"] == eval_instruction("move_slider_left")
+    )
+
+    # Subtask 3 never succeeds: the chain ends after max_steps_per_subtask steps.
+    for k in range(1, 6):
+        obs, _, terminated, _, info = env.step(HOLD_OPEN)
+        assert terminated == (k == 5), k
+    assert info["num_success"] == 2 and info["subtask_steps"] == 5 and info["done"]
+    steps = env.total_steps
+    last = obs
+    # Finished: further steps are no-ops (the vector env steps every sub-env) until the next reset.
+    obs, _, terminated, _, info = env.step(HOLD_OPEN)
+    assert terminated and env.total_steps == steps and obs is last
+    env.reset(options={"episode": spec})
+    assert env.num_env_resets == 2
+    env.close()
+
+
+def test_chain_env_needs_an_episode():
+    env = ChainEnv(EnvConfig(cameras=False))
+    with pytest.raises(UserError, match="EpisodeSpec"):
+        env.reset(options={})
+    env.close()
+
+
+def test_results_do_not_depend_on_the_number_of_workers():
+    specs = chain_specs(protocol.generate_chains(3, seed=5), seed=5, films=0)
+    cfg = EnvConfig(cameras=False)
+    finals = {}
+    for workers in (0, 2):
+        policies = [RandomPolicy(seed=1) for _ in range(max(1, workers))]
+        outcomes = run_episodes(specs, policies, cfg, num_workers=workers, max_steps_per_subtask=25)
+        assert sorted(o.spec.index for o in outcomes) == [0, 1, 2]
+        finals[workers] = {
+            o.spec.index: (o.num_success, o.steps, o.final_env_state.tobytes(), o.final_robot_state.tobytes())
+            for o in outcomes
+        }
+        if workers == 0:  # one env ran all three chains: one scene reset per chain
+            assert sorted(o.env_resets for o in outcomes) == [1, 2, 3]
+    assert finals[0] == finals[2]
+    # The arm moved: the comparison above is not between two idle scenes.
+    assert len({v[3] for v in finals[0].values()}) == 3
+
+
+def test_eval_job_with_the_random_policy(tmp_path):
+    cfg = EvalConfig(
+        policy=PolicyConfig(name="random"),
+        num_chains=2,
+        max_steps_per_subtask=30,
+        num_workers=2,
+        videos=1,
+        progress=False,
+    )
+    result = run(cfg, tmp_path)
+    s = result.summary
+    assert result.exit_code == 0 and not s["interrupted"]
+    assert {"avg_len", "sr", "per_task", "num_chains", "chains", "wall_time_s", "steps_per_s"} <= set(s)
+    assert s["num_chains"] == 2 and len(s["sr"]) == 5 and len(s["chains"]) == 2
+    chains = protocol.generate_chains(2, seed=0)
+    assert [c["tasks"] for c in s["chains"]] == [list(c.tasks) for c in chains]
+    assert s["avg_len"] == pytest.approx(sum(s["sr"]))
+    # Every chain ends with a failed subtask of 30 steps unless all five succeeded.
+    failing = [c for c in s["chains"] if c["num_success"] < 5]
+    assert s["env_steps"] >= 30 * len(failing) and s["env_steps"] <= 2 * 5 * 30
+    assert s["steps_per_s"] > 0
+
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert {k: written[k] for k in ("avg_len", "sr", "per_task", "chains")} == {
+        k: s[k] for k in ("avg_len", "sr", "per_task", "chains")
+    }
+    png = iio.imread(tmp_path / "per_task.png")
+    assert png.ndim == 3 and png.shape[0] > 100
+    video = tmp_path / "videos" / "chain_000.gif"
+    assert s["artifacts"]["videos"] == [str(video)]
+    frames = iio.imread(video, index=None)  # (T, H, W, 3)
+    assert frames.shape[2] == cfg.video_width and frames.shape[1] > cfg.video_width  # caption band above
+    if s["chains"][0]["num_success"] == 0:
+        # 31 frames (reset + 30 steps), every 2nd kept: 16; GIF merges the held copies of the last one.
+        from PIL import Image
+
+        assert len(frames) == 16
+        with Image.open(video) as gif:
+            gif.seek(15)
+            step_ms = round(1000 / 15)  # 30 Hz / video_stride 2
+            assert abs(gif.info["duration"] - VIDEO_HOLD_FRAMES * step_ms) <= VIDEO_HOLD_FRAMES
+    assert not (tmp_path / "videos" / "chain_001.gif").exists()
+
+
+def test_eval_with_the_expert_succeeds_and_is_reproducible(tmp_path):
+    import dreamrt.sim.expert  # noqa: F401  (the expert must exist for this test)
+
+    summaries = []
+    for workers in (0, 2):
+        cfg = EvalConfig(num_chains=2, num_workers=workers, videos=0, progress=False, seed=1)
+        summaries.append(run(cfg, tmp_path / str(workers)).summary)
+    a, b = summaries
+    assert a["chains"] == b["chains"] and a["env_steps"] == b["env_steps"]
+    assert a["avg_len"] >= 1.0  # the expert solves most tasks; a random policy scores ~0
+
+
+def test_eval_config_checks():
+    with pytest.raises(UserError, match="num_chains"):
+        EvalConfig(num_chains=0)
+    with pytest.raises(UserError, match="gif"):
+        EvalConfig(video_format="avi")
+    if not mp4_available():
+        with pytest.raises(UserError, match="imageio-ffmpeg"):
+            EvalConfig(video_format="mp4")
+
+
+def test_eval_cli_help_and_user_errors(capsys):
+    assert main(["eval", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "num_chains: 1000" in out and "max_steps_per_subtask: 360" in out and "name: expert" in out
+    assert main(["eval", "policy=randm"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "randm" in err and "random" in err and "expert" in err
+    assert main(["eval", "num_chains=abc"]) == 2
+    assert "num_chains" in capsys.readouterr().err
+    for command in (["record", "--help"], ["demo", "--help"], ["bench", "sim", "--help"]):
+        assert main(command) == 0
+    assert "num_chains: 5" in capsys.readouterr().out  # the demo's defaults
