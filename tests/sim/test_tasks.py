@@ -150,8 +150,8 @@ def _cases() -> dict[str, tuple[SceneState, SceneState, dict[str, NearMiss]]]:
                         wrong,
                         moved(wrong, color, dz=dz + 0.01, contacts={"robot"}),
                     ),
-                    "robot touched it at the start": (
-                        with_block(s, color, contacts={SOURCE_SURFACE[source], "robot"}),
+                    "source surface not touched at the start": (
+                        with_block(s, color, contacts={"robot"}),
                         moved(s, color, dz=dz + 0.01, contacts={"robot"}),
                     ),
                 },
