@@ -69,6 +69,14 @@ COMMANDS: tuple[Command, ...] = (
         job="dreamrt.sim.demo:run",
     ),
     Command(
+        name="train",
+        summary="Train a DP-T diffusion policy on an episode store (checkpoints, metrics.csv, curves.png).",
+        config="train",
+        schema="dreamrt.training.train_policy:TrainConfig",
+        job="dreamrt.training.train_policy:run",
+        positional=("dataset.path",),
+    ),
+    Command(
         name="bench sim",
         summary="CALVIN-style env steps/s with and without cameras, and the wall time of an evaluation.",
         config="bench_sim",

@@ -45,4 +45,14 @@ def load_policy(path: str) -> Policy:
 
     checkpoint_dir = resolve_checkpoint(path)
     kind = read_meta(checkpoint_dir).kind
-    raise UserError(f"Checkpoint {checkpoint_dir} holds a '{kind}', which is not a policy dreamrt can load.")
+    # Match on the kind string so that choosing a built-in policy never imports torch.
+    match kind:
+        case "dpt_policy":
+            from dreamrt.policies.diffusion_policy import load_diffusion_policy
+
+            return load_diffusion_policy(checkpoint_dir)
+        case _:
+            raise UserError(
+                f"Checkpoint {checkpoint_dir} holds a '{kind}', which is not a policy dreamrt can load "
+                "(policies: dpt_policy)."
+            )

@@ -56,5 +56,11 @@ class Policy(Protocol):
         evaluation gives the same result whichever worker process runs which episode.
         """
 
+    def observe(self, observation: Observation) -> None:
+        """Take an observation of a step on which no new actions are asked for.
+
+        Callers hand over every step's observation, through ``act`` or ``observe``, so a
+        policy with an observation history sees consecutive steps, as in training."""
+
     def act(self, observation: Observation) -> ActionChunk:
         """Return the next actions for this observation (and the history seen since reset)."""

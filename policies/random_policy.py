@@ -22,6 +22,9 @@ class RandomPolicy:
         if seed is not None:
             self._rng = np.random.default_rng([self._seed, seed])
 
+    def observe(self, observation: Observation) -> None:
+        pass  # memoryless
+
     def act(self, observation: Observation) -> ActionChunk:
         action = self._rng.uniform(-1.0, 1.0, size=(1, self.spec.action_dim))
         action[:, -1] = np.where(action[:, -1] > 0, 1.0, -1.0)

@@ -573,6 +573,9 @@ class ScriptedExpert:
         self._task: str | None = None
         self._fresh = True
 
+    def observe(self, observation: dict) -> None:
+        pass  # the expert replans from each observation it acts on; skipped steps carry nothing
+
     def act(self, observation: dict) -> ActionChunk:
         instruction = observation.get("task")
         if not isinstance(instruction, str):

@@ -372,6 +372,8 @@ def run_episodes(
                 if not s.queue:
                     chunk = s.policy.act(s.obs)
                     s.queue.extend(chunk.actions)  # the whole chunk runs before the policy is asked again
+                else:
+                    s.policy.observe(s.obs)  # keeps an observation history at the control rate
                 actions[i] = s.queue.popleft()
                 if keep_frames:
                     s.outcome.frames.append({**s.obs, "action": actions[i].copy()})

@@ -1,0 +1,529 @@
+"""DP-T as a dreamrt Policy: observation encoder + transformer denoiser + noise schedule + sampler.
+
+Training (Chi et al., RSS 2023): normalise the window's low-dim observations and actions
+with the store's statistics (min-max to [-1, 1]), encode the To observation steps into
+one feature vector each, noise the H normalised actions at a uniform random timestep and
+regress the noise (epsilon prediction, MSE):
+
+    loss = mse(DPT(add_noise(a, eps, t), t, encoder(obs)), eps)      a: (B, H, A), obs: (B, To, ...)
+
+Acting: ``act(observation)`` appends the current observation to a history of To steps (the
+first observation after ``reset`` is repeated To times), samples an action sequence of H
+steps from N(0, I) with the policy's ``sampler``, unnormalises it, and returns the
+executable part ``prediction[To-1 : To-1+Ta]`` (the step of the current observation and
+the Ta - 1 after it), as Diffusion Policy does. The history must hold consecutive control
+steps as in training, so a caller executing a chunk passes the observations of the steps in
+between to ``observe(observation)``; without them the history would span Ta steps instead of
+one (``PolicySpec.n_obs_steps > 1`` tells a caller that it matters).
+
+Sampler plug point. ``policy.sampler`` is any object with
+``sample(denoise, x_T, generator=...) -> x0`` where ``denoise(x_t, t) -> model output``
+(:class:`dreamrt.policies.schedulers.Sampler` and its DDPM / DDIM builders). Build it from
+a :class:`SamplerConfig` with :meth:`DiffusionPolicy.set_sampler` or assign another object
+(a distilled few-step sampler) directly; training never touches it.
+
+Language. With ``encoder.use_language`` the policy keeps the embedding of every training
+instruction in the buffer ``instruction_embeddings`` (rows in the order of
+``config.instructions``, i.e. the store's ``task_index``), so checkpoints answer their own
+instructions without loading the sentence model. Training batches carry ``task_index``
+(B, To); ``act`` reads ``observation["task"]`` and loads the frozen MiniLM only for an
+instruction it has never seen.
+
+Checkpoints (kind ``dpt_policy``): ``config.yaml`` is :class:`DiffusionPolicyConfig`,
+``model.safetensors`` the (EMA) weights, ``normalizer.json`` the store's normaliser. See
+:func:`save_diffusion_policy` / :func:`load_diffusion_policy`.
+
+Dimensions: B batch, To observation steps, H horizon (action tokens), Ta executed actions,
+A action dim, O per-step observation features.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dreamrt.episodes.normalize import Normalizer
+from dreamrt.errors import UserError, did_you_mean
+from dreamrt.policies.dpt import DPT, DPTConfig
+from dreamrt.policies.encoders import TASK_EMBEDDING_KEY, TASK_KEY, ObsEncoderConfig, ObservationEncoder
+from dreamrt.policies.language import EMBED_DIM, SentenceEncoder, normalize_instruction
+from dreamrt.policies.protocol import ActionChunk, Observation, PolicySpec
+from dreamrt.policies.schedulers import NoiseSchedule, NoiseScheduleConfig, SamplerConfig, make_sampler
+
+POLICY_KIND = "dpt_policy"  # meta.json kind of DiffusionPolicy checkpoints
+TASK_INDEX_KEY = "task_index"  # the store column the dataset windows carry for language policies
+ACTION_MODES = (
+    "rel_cartesian",
+    "abs_cartesian",
+    "joint",
+)  # as dreamrt.sim.env (not imported: no mujoco here)
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclass
+class DiffusionPolicyConfig:
+    """Everything needed to rebuild a DiffusionPolicy; a checkpoint's config.yaml."""
+
+    encoder: ObsEncoderConfig
+    model: DPTConfig  # obs_dim == encoder.obs_feature_dim; horizon H and n_obs_steps To live here
+    noise: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the inference sampler
+    n_action_steps: int = 8  # Ta: actions returned per act()
+    action_key: str = "action"
+    rate_hz: float = 30.0
+    action_mode: str = "rel_cartesian"
+    instructions: list[str] = field(default_factory=list)  # rows of instruction_embeddings (language only)
+    language_fingerprint: str = ""  # sentence-model weights that embedded them
+    # Instruction embeddings are L2-normalised (per-dimension RMS 1/sqrt(384), ~20x smaller than
+    # the [-1, 1] low-dim inputs); the policy scales them to unit RMS before the encoder, as it
+    # normalises every other input. Without it the language signal reaches DP-T so weakly that a
+    # two-instruction toy task is not learned in 400 steps (with it: the same as the state-only task).
+    instruction_scale: float = math.sqrt(EMBED_DIM)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, Mapping) or isinstance(self.model, Mapping):
+            raise UserError(
+                "DiffusionPolicyConfig takes config objects; build it from a mapping with "
+                "dreamrt.training.checkpoint.config_from_dict(DiffusionPolicyConfig, data)."
+            )
+        if self.model.obs_dim != self.encoder.obs_feature_dim:
+            raise UserError(
+                f"The DP-T obs_dim ({self.model.obs_dim}) must equal the observation encoder's feature width "
+                f"({self.encoder.obs_feature_dim}). Build the DPTConfig with obs_dim=encoder.obs_feature_dim."
+            )
+        to, h = self.model.n_obs_steps, self.model.horizon
+        if not isinstance(self.n_action_steps, int) or not 1 <= self.n_action_steps <= h - to + 1:
+            raise UserError(
+                f"n_action_steps (Ta) must be an int in 1..horizon - n_obs_steps + 1 = {h - to + 1} (the executed "
+                f"actions are prediction[To-1 : To-1+Ta]), got {self.n_action_steps!r} with horizon={h}, "
+                f"n_obs_steps={to}. Lower n_action_steps or raise the horizon."
+            )
+        if not self.action_key:
+            raise UserError(
+                "DiffusionPolicyConfig.action_key is empty; name the action feature, e.g. 'action'."
+            )
+        if not self.instruction_scale > 0:
+            raise UserError(
+                f"DiffusionPolicyConfig.instruction_scale must be > 0, got {self.instruction_scale!r}."
+            )
+        if not self.rate_hz > 0:
+            raise UserError(f"DiffusionPolicyConfig.rate_hz must be > 0, got {self.rate_hz!r}.")
+        if self.action_mode not in ACTION_MODES:
+            raise UserError(
+                f"Unknown action_mode '{self.action_mode}'.{did_you_mean(self.action_mode, ACTION_MODES)} "
+                f"Valid: {', '.join(ACTION_MODES)}."
+            )
+        self.instructions = [normalize_instruction(t) for t in self.instructions]
+        if self.instructions and not self.encoder.use_language:
+            raise UserError(
+                f"DiffusionPolicyConfig lists {len(self.instructions)} instructions but encoder.use_language is "
+                "False. Turn language on or drop the instructions."
+            )
+
+    @property
+    def n_obs_steps(self) -> int:
+        return self.model.n_obs_steps
+
+    @property
+    def horizon(self) -> int:
+        return self.model.horizon
+
+    @property
+    def action_dim(self) -> int:
+        return self.model.action_dim
+
+    @property
+    def lowdim_keys(self) -> list[str]:
+        return list(self.encoder.lowdim_keys)
+
+    @property
+    def image_keys(self) -> list[str]:
+        return [c.key for c in self.encoder.cameras]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+class _Affine(nn.Module):
+    """y = x * scale + offset over the last axes; buffers not saved (normalizer.json is the source)."""
+
+    def __init__(self, scale: np.ndarray, offset: np.ndarray):
+        super().__init__()
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32), persistent=False)
+        self.register_buffer("offset", torch.as_tensor(offset, dtype=torch.float32), persistent=False)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return x * self.scale + self.offset
+
+    def unnormalize(self, y: Tensor) -> Tensor:
+        return (y - self.offset) / self.scale
+
+
+def _module_key(key: str) -> str:
+    return key.replace(".", "__")  # ModuleDict names cannot hold dots
+
+
+# ---------------------------------------------------------------------------- policy
+
+
+class DiffusionPolicy(nn.Module):
+    """Diffusion Policy with the DP-T denoiser; implements :class:`dreamrt.policies.protocol.Policy`.
+
+    ``forward(batch)`` is ``compute_loss(batch)`` so that DistributedDataParallel can wrap
+    the policy. ``normalizer`` must know every low-dim observation key and the action key.
+    """
+
+    def __init__(
+        self,
+        config: DiffusionPolicyConfig,
+        normalizer: Normalizer,
+        *,
+        instruction_embeddings: Tensor | None = None,
+        sentence_encoder: SentenceEncoder | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.normalizer = normalizer
+        self.encoder = ObservationEncoder(config.encoder, sentence_encoder)
+        self.model = DPT(config.model)
+        self.schedule = NoiseSchedule(config.noise)
+        self._sampler = make_sampler(self.schedule, config.sampler)
+        self.sampler_config: SamplerConfig | None = config.sampler  # None once a custom sampler is assigned
+        keys = [*config.lowdim_keys, config.action_key]
+        missing = [k for k in keys if k not in normalizer.keys]
+        if missing:
+            raise UserError(
+                f"The normaliser has no statistics for {missing} (it has {normalizer.keys}). Build it from the "
+                "episode store the policy trains on, with these keys."
+            )
+        self.norms = nn.ModuleDict(
+            {_module_key(k): _Affine(normalizer.params(k).scale, normalizer.params(k).offset) for k in keys}
+        )
+        self._check_action_dim(normalizer)
+        if config.encoder.use_language:
+            table = torch.zeros(len(config.instructions), EMBED_DIM)
+            if instruction_embeddings is not None:
+                if tuple(instruction_embeddings.shape) != tuple(table.shape):
+                    raise UserError(
+                        f"instruction_embeddings has shape {tuple(instruction_embeddings.shape)}; expected "
+                        f"({len(config.instructions)}, {EMBED_DIM}), one row per config.instructions entry."
+                    )
+                table = instruction_embeddings.detach().to(torch.float32).clone()
+            self.register_buffer("instruction_embeddings", table)  # (N, 384), saved with the weights
+        self._instruction_row = {}
+        for i, text in enumerate(config.instructions):
+            self._instruction_row.setdefault(text, i)
+        self._encoder_seeded = False
+        self.spec = PolicySpec(
+            rate_hz=config.rate_hz,
+            action_dim=config.action_dim,
+            horizon=config.n_action_steps,
+            n_obs_steps=config.n_obs_steps,
+            action_mode=config.action_mode,
+        )
+        self._history: deque[dict[str, np.ndarray]] = deque(maxlen=config.n_obs_steps)
+        self._generator = torch.Generator().manual_seed(0)
+
+    def _check_action_dim(self, normalizer: Normalizer) -> None:
+        shape = normalizer.params(self.config.action_key).scale.shape
+        if shape not in ((), (self.config.action_dim,)):
+            raise UserError(
+                f"The normaliser's '{self.config.action_key}' statistics have shape {shape}, but the model predicts "
+                f"{self.config.action_dim} action dimensions. Build the model with the store's action_dim."
+            )
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.out.weight.device
+
+    # ------------------------------------------------------------------ sampler plug point
+
+    @property
+    def sampler(self) -> Any:
+        """The inference sampler: ``sample(denoise, x_T, generator=...) -> x0`` (see the module docstring)."""
+        return self._sampler
+
+    @sampler.setter
+    def sampler(self, sampler: Any) -> None:
+        if not callable(getattr(sampler, "sample", None)):
+            raise UserError(
+                f"A policy sampler needs a sample(denoise, x_T, generator=...) method; got {type(sampler).__name__}."
+            )
+        self._sampler = sampler
+        self.sampler_config = None  # a custom object: checkpoints keep the config the policy was built with
+
+    def set_sampler(self, config: SamplerConfig) -> None:
+        """Replace the inference sampler (e.g. DDPM-100 for evaluation, DDIM-8 for deployment)."""
+        self.sampler = make_sampler(self.schedule, config)
+        self.sampler_config = config
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, batch: Mapping[str, Any]) -> Tensor:
+        return self.compute_loss(batch)
+
+    def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """Epsilon-prediction (or x0) MSE on a batch of dataset windows: obs (B, To, ...), actions (B, H, A).
+
+        Noise and timesteps come from ``generator`` (validation) or the global RNG (training).
+        """
+        c = self.config
+        actions = self._tensor(batch, c.action_key)
+        if actions.ndim != 3 or tuple(actions.shape[1:]) != (c.horizon, c.action_dim):
+            raise UserError(
+                f"'{c.action_key}' in the batch has shape {tuple(actions.shape)}; expected (B, {c.horizon}, "
+                f"{c.action_dim}) (batch, horizon, action_dim). Sample windows with horizon={c.horizon}."
+            )
+        x0 = self.norms[_module_key(c.action_key)].normalize(actions)  # (B, H, A) in about [-1, 1]
+        features = self.encode_observations(batch)  # (B, To, O)
+        b = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = self.schedule.sample_timesteps(b, generator=generator, device=x0.device)
+        pred = self.model(self.schedule.add_noise(x0, noise, t), t, features)
+        return F.mse_loss(pred, self.schedule.training_target(x0, noise))
+
+    def encode_observations(self, obs: Mapping[str, Any]) -> Tensor:
+        """Raw (unnormalised) observation windows (B, To, ...) -> features (B, To, O).
+
+        Language comes from ``task_embedding`` (B, 384), ``task_index`` (B, To) rows of the
+        instruction table, or ``task`` (B strings), in that order of preference.
+        """
+        c = self.config
+        inputs: dict[str, Any] = {}
+        for key in c.lowdim_keys:
+            x = self._tensor(obs, key)
+            if x.ndim != 3 or x.shape[1] != c.n_obs_steps:
+                raise UserError(
+                    f"'{key}' has shape {tuple(x.shape)}; expected (B, {c.n_obs_steps}, dim) with the policy's "
+                    f"n_obs_steps={c.n_obs_steps}. Sample windows with n_obs_steps={c.n_obs_steps}."
+                )
+            inputs[key] = self.norms[_module_key(key)].normalize(x.float())
+        for key in c.image_keys:
+            inputs[key] = self._tensor(obs, key)
+        if c.encoder.use_language:
+            inputs[TASK_EMBEDDING_KEY] = self._task_embeddings(obs) * c.instruction_scale
+        return self.encoder(inputs)
+
+    def _tensor(self, batch: Mapping[str, Any], key: str) -> Tensor:
+        if key not in batch:
+            raise UserError(
+                f"The batch lacks '{key}'.{did_you_mean(key, batch.keys())} It has {sorted(batch)}; the policy "
+                f"needs {[*self.config.lowdim_keys, *self.config.image_keys, self.config.action_key]}."
+            )
+        return torch.as_tensor(batch[key]).to(self.device, non_blocking=True)
+
+    def _task_embeddings(self, obs: Mapping[str, Any]) -> Tensor:
+        if TASK_EMBEDDING_KEY in obs:
+            return torch.as_tensor(obs[TASK_EMBEDDING_KEY], device=self.device).float()
+        if TASK_INDEX_KEY in obs:
+            index = torch.as_tensor(obs[TASK_INDEX_KEY], device=self.device)
+            index = (
+                (index[:, -1] if index.ndim == 2 else index).round().long()
+            )  # the current step's task, (B,)
+            n = len(self.config.instructions)
+            if len(index) and (int(index.min()) < 0 or int(index.max()) >= n):
+                raise UserError(
+                    f"task_index values {sorted(set(index.tolist()))[:8]} fall outside the policy's {n} instructions. "
+                    "The policy was built for another episode store's task list."
+                )
+            return self.instruction_embeddings[index]
+        if TASK_KEY in obs:
+            tasks = obs[TASK_KEY]
+            return self.embed_instructions([tasks] if isinstance(tasks, str) else list(tasks))
+        raise UserError(
+            f"This policy is language-conditioned but the observation has none of '{TASK_KEY}' (instruction "
+            f"strings), '{TASK_INDEX_KEY}' or '{TASK_EMBEDDING_KEY}'; it has {sorted(obs)}."
+        )
+
+    def embed_instructions(self, texts: Sequence[str]) -> Tensor:
+        """(B,) instructions -> (B, 384): training instructions from the table, others via MiniLM."""
+        rows = [self._instruction_row.get(normalize_instruction(t)) for t in texts]
+        if all(r is not None for r in rows):
+            return self.instruction_embeddings[torch.tensor(rows, device=self.device)]
+        return self._sentence_encoder().encode(list(texts)).to(self.device)
+
+    def _sentence_encoder(self) -> SentenceEncoder:
+        encoder = self.encoder.sentence_encoder
+        if encoder is None:
+            encoder = self.encoder.sentence_encoder = SentenceEncoder()
+        if not self._encoder_seeded:
+            # Seed its cache with our table, tagged with the weights that made it, so that
+            # the encoder refuses to mix in embeddings from other weights.
+            table = self.instruction_embeddings.detach().cpu()
+            encoder.add_embeddings(
+                {t: table[i] for t, i in self._instruction_row.items()},
+                self.config.language_fingerprint or None,
+            )
+            self._encoder_seeded = True
+        return encoder
+
+    def optim_groups(self, weight_decay: float, encoder_weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups as Diffusion Policy: decay the DP-T's Linear weights by ``weight_decay``; no
+        decay on its biases, LayerNorms and position embeddings; ``encoder_weight_decay`` on the encoder."""
+        decay, no_decay = [], []
+        linear_weights = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Linear)}
+        for p in self.model.parameters():
+            (decay if id(p) in linear_weights else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+            {"params": list(self.encoder.parameters()), "weight_decay": encoder_weight_decay},
+        ]
+        return [g for g in groups if g["params"]]
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.inference_mode()
+    def predict_actions(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """Observation windows (B, To, ...) -> unnormalised action sequences (B, H, A) from the sampler."""
+        was_training = self.training
+        self.eval()
+        try:
+            features = self.encode_observations(obs)  # (B, To, O)
+            b = features.shape[0]
+            shape = (b, self.config.horizon, self.config.action_dim)
+            x_T = torch.randn(shape, generator=generator, device=self.device, dtype=features.dtype)
+
+            def denoise(x: Tensor, t: int) -> Tensor:
+                return self.model(x, torch.tensor(t, device=x.device), features)
+
+            x0 = self.sampler.sample(denoise, x_T, generator=generator)
+            return self.norms[_module_key(self.config.action_key)].unnormalize(x0)
+        finally:
+            self.train(was_training)
+
+    def reset(self, seed: int | None = None) -> None:
+        """Clear the observation history; ``seed`` restarts the sampling noise (None: keep its stream)."""
+        self._history.clear()
+        if seed is not None:
+            self._generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        elif self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device).manual_seed(0)
+
+    def observe(self, observation: Observation) -> None:
+        """Record a control step's observation without sampling (the steps between ``act`` calls).
+
+        The history must hold consecutive control steps, as in training: a caller that
+        executes a chunk step by step passes every step's observation, to ``act`` when it
+        wants new actions and to ``observe`` otherwise.
+        """
+        self._push(observation)
+
+    def _push(self, observation: Observation) -> dict[str, np.ndarray]:
+        c = self.config
+        frame = {}
+        for key in [*c.lowdim_keys, *c.image_keys]:
+            if key not in observation:
+                raise UserError(
+                    f"The observation lacks '{key}'.{did_you_mean(key, observation.keys())} It has "
+                    f"{sorted(observation)}; this policy reads {[*c.lowdim_keys, *c.image_keys]}."
+                )
+            frame[key] = np.array(observation[key])  # a copy: callers may reuse their buffers
+        if not self._history:
+            self._history.extend([frame] * c.n_obs_steps)  # pad the history by repeating the first step
+        else:
+            self._history.append(frame)
+        return frame
+
+    def act(self, observation: Observation) -> ActionChunk:
+        """Record ``observation`` as the current step and return the next Ta actions (see the module docstring)."""
+        c = self.config
+        start = time.perf_counter()
+        frame = self._push(observation)
+        obs: dict[str, Any] = {
+            key: torch.from_numpy(np.stack([f[key] for f in self._history])[None]) for key in frame
+        }  # (1, To, ...)
+        if c.encoder.use_language:
+            if TASK_KEY not in observation:
+                raise UserError(
+                    f"This policy follows instructions: the observation needs '{TASK_KEY}' (a string); it has "
+                    f"{sorted(observation)}."
+                )
+            obs[TASK_EMBEDDING_KEY] = self.embed_instructions([observation[TASK_KEY]])
+        if self._generator.device != self.device:
+            self.reset(None)
+        actions = self.predict_actions(obs, generator=self._generator)[0]  # (H, A)
+        first = c.n_obs_steps - 1
+        chunk = actions[first : first + c.n_action_steps].float().cpu().numpy()  # (Ta, A)
+        info = {
+            "sampler": self.sampler_config.name
+            if self.sampler_config is not None
+            else type(self.sampler).__name__,
+            "sampler_steps": getattr(self.sampler, "num_steps", None),
+            "latency_s": time.perf_counter() - start,
+        }
+        return ActionChunk(actions=chunk, info=info)
+
+
+# ---------------------------------------------------------------------------- building, saving, loading
+
+
+def build_diffusion_policy(
+    config: DiffusionPolicyConfig,
+    normalizer: Normalizer,
+    *,
+    instruction_embeddings: Tensor | None = None,
+    language_fingerprint: str = "",
+) -> DiffusionPolicy:
+    """A freshly initialised policy (weights from ``torch.manual_seed``)."""
+    if language_fingerprint:
+        config = replace(config, language_fingerprint=language_fingerprint)
+    return DiffusionPolicy(config, normalizer, instruction_embeddings=instruction_embeddings)
+
+
+def checkpoint_config(policy: DiffusionPolicy) -> dict[str, Any]:
+    """The policy's config.yaml mapping, with the sampler it currently uses when that has a config."""
+    config = policy.config
+    if policy.sampler_config is not None:
+        config = replace(config, sampler=policy.sampler_config)
+    return asdict(config)
+
+
+def save_diffusion_policy(
+    policy: DiffusionPolicy, path: str | Path, *, step: int = 0, overwrite: bool = False
+) -> Path:
+    """Write an inference checkpoint (kind ``dpt_policy``) of ``policy``'s current weights."""
+    from dreamrt.training.checkpoint import save_checkpoint
+
+    return save_checkpoint(
+        path,
+        model_state=policy.state_dict(),
+        config=checkpoint_config(policy),
+        normalizer=policy.normalizer.to_dict(),
+        step=step,
+        kind=POLICY_KIND,
+        overwrite=overwrite,
+    )
+
+
+def load_diffusion_policy(
+    path: str | Path, sampler: SamplerConfig | None = None, *, device: str | torch.device = "cpu"
+) -> DiffusionPolicy:
+    """Load a ``dpt_policy`` checkpoint (a checkpoint directory, or a run directory for its newest one).
+
+    ``sampler`` replaces the sampler saved in the checkpoint. The policy comes back in eval
+    mode, on ``device``, reset with seed 0.
+    """
+    from dreamrt.training.checkpoint import config_from_dict, load_checkpoint, load_into
+
+    ckpt = load_checkpoint(path, kind=POLICY_KIND)
+    config = config_from_dict(DiffusionPolicyConfig, ckpt.config, source=f"{ckpt.path}/config.yaml")
+    if sampler is not None:
+        config = replace(config, sampler=sampler)
+    policy = DiffusionPolicy(config, Normalizer.from_dict(ckpt.normalizer))
+    load_into(policy, ckpt)
+    policy.eval().requires_grad_(False).to(device)
+    policy.reset(0)
+    return policy

@@ -1,0 +1,268 @@
+"""`dreamrt train`: train a DP-T diffusion policy on an episode store.
+
+    dreamrt train dataset.path=demos.zarr [trainer.steps=...] [policy_model=state_small] [resume=RUN_DIR]
+
+Steps:
+1. open the store; read action_dim, the low-dim widths and the fps; build the normaliser
+   (min-max to [-1, 1]) over the policy's low-dim observation keys and the action;
+2. with language on, embed the store's task list once with the frozen MiniLM; the table
+   travels inside the policy (checkpoint buffer ``instruction_embeddings``), the windows
+   carry ``task_index``;
+3. build the policy (DP-T size preset plus overrides, its obs_dim from the encoder);
+4. train with :func:`dreamrt.training.trainer.fit`: checkpoints of kind ``dpt_policy`` in
+   ``<run>/checkpoints/``, ``metrics.csv`` and ``curves.png`` in ``<run>/``.
+
+Multi-GPU / multi-process: ``torchrun --nproc_per_node=N $(which dreamrt) train ... --out DIR``
+(give ``--out``: every rank must write to the same run directory). The trainer sees
+``WORLD_SIZE`` and uses DistributedDataParallel; ``trainer.batch_size`` is per process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dreamrt.errors import UserError, choose
+from dreamrt.jobs import JobResult
+from dreamrt.policies.encoders import ObsEncoderConfig
+from dreamrt.policies.schedulers import NoiseScheduleConfig, SamplerConfig
+from dreamrt.training.trainer import TrainerConfig, TrainResult
+
+MISSING = "???"  # OmegaConf's marker for a required value
+
+
+def _state_language_encoder() -> ObsEncoderConfig:
+    return ObsEncoderConfig(
+        lowdim_keys=["observation.state", "observation.environment_state"],
+        lowdim_dims=[15, 24],
+        use_language=True,
+    )
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING  # the episode store (required)
+    val_ratio: float = 0.05  # fraction of episodes held out for the validation loss (0: none)
+    split_seed: int = 0  # which episodes are held out
+    cache: str = "lowdim"  # EpisodeDataset cache: "lowdim" | "all" | "none"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise UserError(f"dataset.val_ratio must be in [0, 1), got {self.val_ratio!r}.")
+        choose("dataset.cache", self.cache, ("lowdim", "all", "none"))
+
+
+# Mutable mirrors of two frozen configs (OmegaConf cannot override fields of frozen
+# dataclasses); defaults are read off the originals so they live in one place.
+@dataclass
+class NoiseSection:
+    num_train_timesteps: int = NoiseScheduleConfig.num_train_timesteps
+    beta_schedule: str = NoiseScheduleConfig.beta_schedule
+    prediction_type: str = NoiseScheduleConfig.prediction_type
+    clip_sample: bool = NoiseScheduleConfig.clip_sample
+    clip_sample_range: float = NoiseScheduleConfig.clip_sample_range
+
+    def build(self) -> NoiseScheduleConfig:
+        return NoiseScheduleConfig(**vars(self))
+
+
+@dataclass
+class SamplerSection:
+    name: str = SamplerConfig.name
+    num_steps: int | None = SamplerConfig.num_steps
+    eta: float = SamplerConfig.eta
+    spacing: str = SamplerConfig.spacing
+
+    def build(self) -> SamplerConfig:
+        return SamplerConfig(**vars(self))
+
+
+@dataclass
+class PolicyModelConfig:
+    """configs/policy_model/<name>.yaml: the network, its inputs, horizons, noise and sampler."""
+
+    preset: str = "small"  # DP-T size preset: tiny | small | dp_reference (dreamrt.policies.dpt.PRESETS)
+    # Preset overrides (null: the preset's value).
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_emb: int | None = None
+    p_drop_attn: float | None = None
+    p_drop_emb: float | None = None
+    horizon: int = 16  # H: actions per predicted sequence
+    n_obs_steps: int = 2  # To
+    n_action_steps: int = 8  # Ta: executed per prediction, prediction[To-1 : To-1+Ta]
+    encoder: ObsEncoderConfig = field(default_factory=_state_language_encoder)
+    noise: NoiseSection = field(default_factory=NoiseSection)
+    sampler: SamplerSection = field(
+        default_factory=SamplerSection
+    )  # saved as the checkpoint's inference sampler
+    action_key: str = "action"
+    action_mode: str = "rel_cartesian"  # what the actions mean to the env (PolicySpec.action_mode)
+
+
+@dataclass
+class TrainConfig:
+    dataset: DataConfig = field(default_factory=DataConfig)
+    policy_model: PolicyModelConfig = field(default_factory=PolicyModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    resume: str | None = None  # a run directory (its newest checkpoint) or a checkpoint to continue from
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike[str],
+    evaluate: Callable[[Any], Mapping[str, float]] | None = None,
+) -> TrainResult:
+    """Build the data and the policy from ``cfg`` and train it; ``run`` wraps this for the CLI.
+
+    ``evaluate(policy) -> {metric: value}`` runs every ``trainer.eval_every`` steps on the EMA
+    policy (e.g. simulated rollouts); its values are logged as ``eval/<metric>``.
+    """
+    from dreamrt.episodes import SamplerConfig as WindowConfig
+    from dreamrt.episodes import open_store
+    from dreamrt.episodes.normalize import Normalizer
+    from dreamrt.policies.diffusion_policy import (
+        POLICY_KIND,
+        TASK_INDEX_KEY,
+        DiffusionPolicyConfig,
+        build_diffusion_policy,
+        checkpoint_config,
+    )
+    from dreamrt.policies.dpt import preset
+    from dreamrt.training.dataset import EpisodeDataset, EpisodeDatasetConfig
+    from dreamrt.training.rng import seed_everything
+    from dreamrt.training.trainer import CheckpointContent, fit
+
+    if not cfg.dataset.path or cfg.dataset.path == MISSING:
+        raise UserError(
+            "`dreamrt train` needs an episode store: pass dataset.path=PATH (a store written by dreamrt)."
+        )
+    pm = cfg.policy_model
+    enc = pm.encoder
+    store = open_store(cfg.dataset.path)
+    _check_inputs(store, pm)
+    action_dim = int(store.features[pm.action_key].shape[0])
+    normalizer = Normalizer.from_stats(store.stats, {k: "min_max" for k in [*enc.lowdim_keys, pm.action_key]})
+
+    table, fingerprint, instructions = None, "", []
+    if enc.use_language:
+        from dreamrt.policies.language import SentenceEncoder
+
+        instructions = list(store.tasks)
+        sentences = SentenceEncoder()
+        table = sentences.encode(instructions)  # (N, 384), rows in task_index order
+        fingerprint = sentences.fingerprint
+
+    overrides = {
+        k: getattr(pm, k)
+        for k in ("n_layer", "n_head", "n_emb", "p_drop_attn", "p_drop_emb")
+        if getattr(pm, k) is not None
+    }
+    model_cfg = preset(
+        pm.preset,
+        action_dim,
+        enc.obs_feature_dim,
+        horizon=pm.horizon,
+        n_obs_steps=pm.n_obs_steps,
+        **overrides,
+    )
+    policy_cfg = DiffusionPolicyConfig(
+        encoder=enc,
+        model=model_cfg,
+        noise=pm.noise.build(),
+        sampler=pm.sampler.build(),
+        n_action_steps=pm.n_action_steps,
+        action_key=pm.action_key,
+        rate_hz=float(store.fps),
+        action_mode=pm.action_mode,
+        instructions=instructions,
+        language_fingerprint=fingerprint,
+    )
+    seed_everything(cfg.trainer.seed)  # the initial weights
+    policy = build_diffusion_policy(policy_cfg, normalizer, instruction_embeddings=table)
+
+    obs_keys = [
+        *enc.lowdim_keys,
+        *(c.key for c in enc.cameras),
+        *([TASK_INDEX_KEY] if enc.use_language else []),
+    ]
+    windows = WindowConfig(
+        horizon=pm.horizon,
+        n_obs_steps=pm.n_obs_steps,
+        n_action_steps=pm.n_action_steps,
+        obs_keys=obs_keys,
+        action_keys=[pm.action_key],
+    )
+    has_val = cfg.dataset.val_ratio > 0 and store.num_episodes >= 2
+    data_cfg = EpisodeDatasetConfig(
+        path=cfg.dataset.path,
+        sampler=windows,
+        split="train",
+        val_ratio=cfg.dataset.val_ratio if has_val else 0.0,
+        seed=cfg.dataset.split_seed,
+        cache=cfg.dataset.cache,
+    )
+    train_data = EpisodeDataset(data_cfg)
+    val_data = train_data.split_dataset("val") if has_val else None
+
+    return fit(
+        policy,
+        train_data,
+        cfg.trainer,
+        Path(out_dir),
+        checkpoint=CheckpointContent(POLICY_KIND, checkpoint_config(policy), normalizer.to_dict()),
+        val_data=val_data,
+        param_groups=policy.optim_groups(cfg.trainer.weight_decay, cfg.trainer.encoder_weight_decay),
+        evaluate=evaluate,
+        resume=cfg.resume,
+    )
+
+
+def run(cfg: TrainConfig, out_dir: Path | None) -> JobResult:
+    if out_dir is None:
+        raise UserError("`dreamrt train` needs an output directory for checkpoints and logs (--out DIR).")
+    result = train(cfg, out_dir)
+    summary = {
+        "run_dir": str(out_dir),
+        "steps": result.step,
+        "interrupted": result.interrupted,
+        "checkpoint": str(result.checkpoint) if result.checkpoint is not None else None,
+        "parameters": sum(p.numel() for p in result.model.parameters()),
+        "elapsed_s": round(result.elapsed_s, 3),
+        **{k: round(v, 6) for k, v in result.metrics.items()},
+    }
+    return JobResult(summary=summary, exit_code=130 if result.interrupted else 0)
+
+
+def _check_inputs(store, pm: PolicyModelConfig) -> None:
+    """The configured keys exist in the store with the configured widths."""
+    features = store.features
+    wanted = [*pm.encoder.lowdim_keys, *(c.key for c in pm.encoder.cameras), pm.action_key]
+    missing = [k for k in wanted if k not in features]
+    if missing:
+        raise UserError(
+            f"The episode store {store.path} has no {missing}; it holds {store.user_keys}. Set "
+            "policy_model.encoder.lowdim_keys / cameras and policy_model.action_key to keys it has."
+        )
+    stored = [
+        int(features[k].shape[0]) if len(features[k].shape) == 1 else -1 for k in pm.encoder.lowdim_keys
+    ]
+    if stored != list(pm.encoder.lowdim_dims):
+        raise UserError(
+            f"policy_model.encoder.lowdim_dims is {list(pm.encoder.lowdim_dims)} but the store's "
+            f"{pm.encoder.lowdim_keys} have widths {stored}. Set policy_model.encoder.lowdim_dims={stored}."
+        )
+    if len(features[pm.action_key].shape) != 1:
+        raise UserError(
+            f"The action '{pm.action_key}' must be a vector per frame; the store has shape {features[pm.action_key].shape}."
+        )
+    for cam in pm.encoder.cameras:
+        shape = tuple(features[cam.key].shape)
+        if shape[:2] != (cam.height, cam.width):
+            raise UserError(
+                f"Camera '{cam.name}' is configured as {cam.height}x{cam.width} but the store's {cam.key} frames are "
+                f"{shape}. Set its height/width to {shape[0]}/{shape[1]}."
+            )
