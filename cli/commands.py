@@ -77,6 +77,13 @@ COMMANDS: tuple[Command, ...] = (
         positional=("dataset.path",),
     ),
     Command(
+        name="bac calibrate",
+        summary="Record sub-block outputs over a sampler's steps and write a BAC caching schedule (bac_schedule.json).",
+        config="bac_calibrate",
+        schema="dreamrt.runtime.bac_calibrate:CalibrateConfig",
+        job="dreamrt.runtime.bac_calibrate:run",
+    ),
+    Command(
         name="bench sim",
         summary="CALVIN-style env steps/s with and without cameras, and the wall time of an evaluation.",
         config="bench_sim",

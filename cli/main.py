@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dreamrt: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:
+        # Output piped into `head` and the like: the reader left, nothing is wrong.
+        sys.stdout = None
+        code = 0
     return code
 
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -235,6 +235,10 @@ class DiffusionPolicy(nn.Module):
         )
         self._history: deque[dict[str, np.ndarray]] = deque(maxlen=config.n_obs_steps)
         self._generator = torch.Generator().manual_seed(0)
+        # Plug point for a caching denoiser (BAC, dreamrt.runtime.bac.CachedDenoiser): a callable
+        # taking the observation features (B, To, O) and returning denoise(x_t, t) for one chunk.
+        # None runs the plain network. Set by whoever loads the policy; policies never import runtime.
+        self.denoiser_factory: Callable[[Tensor], Callable[[Tensor, int], Tensor]] | None = None
 
     def _check_action_dim(self, normalizer: Normalizer) -> None:
         shape = normalizer.params(self.config.action_key).scale.shape
@@ -396,8 +400,12 @@ class DiffusionPolicy(nn.Module):
             shape = (b, self.config.horizon, self.config.action_dim)
             x_T = torch.randn(shape, generator=generator, device=self.device, dtype=features.dtype)
 
-            def denoise(x: Tensor, t: int) -> Tensor:
-                return self.model(x, torch.tensor(t, device=x.device), features)
+            if self.denoiser_factory is not None:
+                denoise = self.denoiser_factory(features)
+            else:
+
+                def denoise(x: Tensor, t: int) -> Tensor:
+                    return self.model(x, torch.tensor(t, device=x.device), features)
 
             x0 = self.sampler.sample(denoise, x_T, generator=generator)
             return self.norms[_module_key(self.config.action_key)].unnormalize(x0)
