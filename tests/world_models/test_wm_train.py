@@ -1,0 +1,103 @@
+"""Training jobs end to end on a tiny synthetic episode store: tokenizer, then dynamics, then resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dreamrt.episodes import Normalizer, open_store
+from dreamrt.errors import UserError
+from dreamrt.training.checkpoint import load_checkpoint
+from dreamrt.world_models.dynamics import load_dynamics, preset
+from dreamrt.world_models.sampling import FrameSamplerConfig
+from dreamrt.world_models.synthetic import MovingSquareConfig, write_moving_square_store
+from dreamrt.world_models.tokenizer import load_tokenizer
+from dreamrt.world_models.tokenizer import preset as tokenizer_preset
+from dreamrt.world_models.train import (
+    DynamicsTrainConfig,
+    OptimConfig,
+    TokenizerTrainConfig,
+    run_dynamics,
+    run_tokenizer,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wm") / "squares.zarr"
+    # 24x24 frames resized to the tiny tokenizer's 16x16 on load, like 96x96 -> 64x64 for real.
+    write_moving_square_store(
+        path, episodes=4, length=12, cfg=MovingSquareConfig(image_size=24, square=6), seed=0
+    )
+    return path
+
+
+def test_synthetic_store(store):
+    s = open_store(store)
+    assert s.num_episodes == 4 and s.num_frames == 48
+    assert s.features["observation.images.static"].shape == (24, 24, 3)
+    ep = s.get_episode(1)
+    # The square moves by the held action: state (its position) follows action[:2].
+    states, actions = ep["observation.state"], ep["action"]
+    assert np.abs(np.diff(states[:, :2], axis=0)).max() > 0
+    assert len(set(map(tuple, actions[:4, :2].round(6)))) == 1  # held for 4 steps
+
+
+def test_tokenizer_then_dynamics_jobs(store, tmp_path):
+    tok_dir = tmp_path / "tok"
+    tok_cfg = TokenizerTrainConfig(
+        store=str(store),
+        model=tokenizer_preset("tiny"),
+        val_ratio=0.0,  # PSNR on the training episodes: 3 episodes do not generalise to new colours
+        optim=OptimConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=5, log_every=10, save_every=15),
+    )
+    result = run_tokenizer(tok_cfg, tok_dir)
+    s = result.summary
+    assert s["steps"] == 30 and s["frames"] == 48 and s["latent_shape"] == [4, 4, 4]
+    assert s["val_psnr_db"] > s["val_psnr_db_initial"]
+    assert (tok_dir / "metrics.csv").read_text().count("\n") == 4  # header + 3 rows
+    tokenizer = load_tokenizer(tok_dir)
+    assert float(tokenizer.latent_std.min()) != 1.0  # latent statistics were fitted
+
+    dyn_dir = tmp_path / "dyn"
+    dyn_cfg = DynamicsTrainConfig(
+        store=str(store),
+        tokenizer=str(tok_dir),
+        model=preset("tiny", action_dim=1, state_dim=1),  # dims and latent shape come from the data
+        sampler=FrameSamplerConfig(steps=2),
+        clip_frames=5,
+        eval_clips=4,
+        optim=OptimConfig(steps=6, batch_size=4, warmup_steps=2, log_every=3, save_every=3),
+    )
+    result = run_dynamics(dyn_cfg, dyn_dir)
+    s = result.summary
+    assert s["steps"] == 6 and np.isfinite(s["final_loss"])
+    for key in ("eval_latent_mse", "eval_latent_mse_copy_last", "eval_psnr_db", "eval_psnr_db_copy_last"):
+        assert np.isfinite(s[key])
+    assert json.loads((dyn_dir / "summary.json").read_text())["steps"] == 6
+    model, normalizer = load_dynamics(dyn_dir)
+    assert (model.config.action_dim, model.config.state_dim, model.config.latent_size) == (7, 15, 4)
+    assert sorted(Normalizer.from_dict(normalizer).keys) == ["action", "observation.state"]
+
+    # Resume: the same directory continues from step 6 to 9.
+    resumed = run_dynamics(
+        DynamicsTrainConfig(
+            **{**dyn_cfg.__dict__, "optim": OptimConfig(steps=9, batch_size=4, log_every=3, save_every=3)}
+        ),
+        dyn_dir,
+    )
+    assert resumed.summary["steps"] == 9 and load_checkpoint(dyn_dir).step == 9
+
+
+def test_job_config_errors(store):
+    with pytest.raises(UserError, match="store is required"):
+        TokenizerTrainConfig()
+    with pytest.raises(UserError, match="tokenizer is required"):
+        DynamicsTrainConfig(store=str(store))
+    with pytest.raises(UserError, match="no key 'observation.images.front'"):
+        run_tokenizer(
+            TokenizerTrainConfig(
+                store=str(store), camera="observation.images.front", model=tokenizer_preset("tiny")
+            ),
+            store.parent / "never",
+        )

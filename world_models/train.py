@@ -1,0 +1,392 @@
+"""Training jobs for the world model: the frame tokenizer, then the next-frame dynamics model.
+
+    run_tokenizer(TokenizerTrainConfig(store=..., ...), out_dir)   -> checkpoints of kind world_model/tokenizer
+    run_dynamics(DynamicsTrainConfig(store=..., tokenizer=..., ...), out_dir)
+                                                                   -> checkpoints of kind world_model/dynamics
+
+Both read the store into memory once (``dreamrt.world_models.data``), train with AdamW and a
+warm-up + cosine learning rate, show a tqdm bar, append ``metrics.csv`` in ``out_dir`` and
+write resumable checkpoints (``out_dir/checkpoints/step_*``, training state included); a run
+started on a directory that already has checkpoints continues from the newest. Randomness
+comes from the global generators seeded with ``seed``, which the checkpoints capture.
+
+The dynamics job encodes every frame with the (frozen) tokenizer once, normalises actions and
+states to [-1, 1] (min-max over the store; the normaliser goes into the checkpoint) and trains
+on T-frame clips with :func:`~dreamrt.world_models.dynamics.flow_matching_loss`. At the end it
+measures one-step prediction on held-out clips: the cached sampler predicts the last frame of
+each clip from the others, compared with repeating the last context frame (latent MSE, and
+PSNR after decoding).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dreamrt.errors import UserError
+from dreamrt.jobs import JobResult
+from dreamrt.world_models.dynamics import (
+    DYNAMICS_KIND,
+    DynamicsConfig,
+    FlowMatchingConfig,
+    NextFrameDiT,
+    flow_matching_loss,
+    frame_conditions,
+)
+from dreamrt.world_models.sampling import FrameSamplerConfig
+from dreamrt.world_models.tokenizer import TOKENIZER_KIND, Tokenizer, TokenizerConfig, psnr
+
+MISSING = "???"  # OmegaConf's marker for a required value
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 20000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    log_every: int = 50
+    save_every: int = 2000
+    keep_last: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "save_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise UserError(f"optim.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.grad_clip <= 0:
+            raise UserError(
+                f"optim needs lr > 0, warmup_steps >= 0, min_lr_ratio in [0, 1], grad_clip > 0; got lr={self.lr}, "
+                f"warmup_steps={self.warmup_steps}, min_lr_ratio={self.min_lr_ratio}, grad_clip={self.grad_clip}."
+            )
+
+
+@dataclass
+class TokenizerTrainConfig:
+    store: str = MISSING  # episode store
+    camera: str = "observation.images.static"
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=64, lr=1e-3, warmup_steps=200))
+    kl_weight: float = 1e-6
+    max_frames: int = 200_000  # whole episodes up to this many frames are read into memory
+    val_ratio: float = 0.05  # held-out episodes for the PSNR reported at the end
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if self.kl_weight < 0:
+            raise UserError(f"kl_weight must be >= 0, got {self.kl_weight}.")
+
+
+@dataclass
+class DynamicsTrainConfig:
+    store: str = MISSING  # episode store
+    tokenizer: str = MISSING  # tokenizer checkpoint (or its run directory)
+    camera: str = "observation.images.static"
+    action_key: str = "action"
+    state_key: str = "observation.state"  # "" conditions on actions only
+    # action_dim, state_dim, latent_channels and latent_size are taken from the store and tokenizer.
+    model: DynamicsConfig = field(default_factory=DynamicsConfig)
+    flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    sampler: FrameSamplerConfig = field(default_factory=FrameSamplerConfig)  # for the final evaluation
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    clip_frames: int = 16  # T; at least model.window, so training sees the full window
+    max_frames: int = 200_000
+    val_ratio: float = 0.05
+    eval_clips: int = 64
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if self.tokenizer in ("", MISSING):
+            raise UserError(
+                "tokenizer is required: the checkpoint of a trained tokenizer (run_tokenizer's output)."
+            )
+        if self.clip_frames < 2 or self.eval_clips < 1:
+            raise UserError(
+                f"clip_frames must be >= 2 and eval_clips >= 1, got {self.clip_frames}, {self.eval_clips}."
+            )
+
+
+def _check_common(cfg: Any) -> None:
+    if cfg.store in ("", MISSING):
+        raise UserError("store is required: the episode store to train on, e.g. store=demos.zarr.")
+    if not 0 <= cfg.val_ratio < 1 or cfg.max_frames < 1:
+        raise UserError(
+            f"val_ratio must be in [0, 1) and max_frames >= 1, got {cfg.val_ratio}, {cfg.max_frames}."
+        )
+    if cfg.threads < 0:
+        raise UserError(f"threads must be >= 0, got {cfg.threads}.")
+
+
+# ---------------------------------------------------------------------------- shared loop
+
+
+def _lr_lambda(o: OptimConfig):
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, o.steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _split_rows(episode_ends: np.ndarray, val_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train / validation episode indices (validation falls back to the training episodes)."""
+    from dreamrt.episodes import split_episodes
+
+    val = split_episodes(len(episode_ends), val_ratio, seed)
+    train_eps, val_eps = np.flatnonzero(~val), np.flatnonzero(val)
+    return train_eps, (val_eps if len(val_eps) else train_eps)
+
+
+def _episode_rows(episode_ends: np.ndarray, episodes: np.ndarray) -> np.ndarray:
+    starts = np.concatenate([[0], episode_ends[:-1]])
+    return np.concatenate([np.arange(starts[e], episode_ends[e]) for e in episodes])
+
+
+def _fit(
+    model: torch.nn.Module,
+    cfg: Any,
+    out_dir: Path,
+    kind: str,
+    loss_fn,
+    save_state,
+    normalizer: dict[str, Any],
+) -> tuple[int, list[dict[str, float]]]:
+    """The optimisation loop shared by both jobs; returns the final step and the logged rows."""
+    from tqdm.auto import tqdm
+
+    from dreamrt.training import checkpoint as ck
+
+    o: OptimConfig = cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(o))
+    step = 0
+    if ck.latest_checkpoint(out_dir) is not None:
+        checkpoint = ck.load_checkpoint(out_dir, kind=kind)
+        ck.load_into(model, checkpoint)
+        ck.restore_training_state(ck.load_training_state(checkpoint.path), opt, sched)
+        step = checkpoint.step
+    metrics_path = out_dir / "metrics.csv"
+    rows: list[dict[str, float]] = []
+    writer = None
+    model.train()
+    bar = tqdm(total=o.steps, initial=step, desc=kind, dynamic_ncols=True)
+    with open(metrics_path, "a", newline="") as f:
+        while step < o.steps:
+            loss, info = loss_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip))
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            if not math.isfinite(info["loss"]):
+                raise UserError(f"The {kind} loss became {info['loss']} at step {step}; lower optim.lr.")
+            if step % o.log_every == 0 or step == o.steps:
+                row = {"step": step, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, **info}
+                rows.append(row)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()})
+                if writer is None:
+                    writer = csv.DictWriter(f, fieldnames=list(row))
+                    if f.tell() == 0:
+                        writer.writeheader()
+                writer.writerow(row)
+                f.flush()
+            if step % o.save_every == 0 or step == o.steps:
+                model.eval()
+                save_state(model)
+                ck.write_run_checkpoint(
+                    out_dir,
+                    model_state=model.state_dict(),
+                    config=model.config,
+                    normalizer=normalizer,
+                    step=step,
+                    kind=kind,
+                    training_state=ck.capture_training_state(opt, sched),
+                    keep_last=o.keep_last,
+                )
+                model.train()
+    bar.close()
+    model.eval()
+    return step, rows
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+@torch.no_grad()
+def _mean_psnr(model: Tokenizer, images: torch.Tensor) -> float:
+    out = torch.cat([model.decode(model.encode(images[i : i + 128])) for i in range(0, len(images), 128)])
+    return float(psnr(out.clamp(0, 1), images).mean())
+
+
+def run_tokenizer(cfg: TokenizerTrainConfig, out_dir: Path) -> JobResult:
+    """Train the frame tokenizer; see the module docstring."""
+    from dreamrt.world_models.data import load_frames
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    data = load_frames(cfg.store, cfg.camera, cfg.model.image_size, max_frames=cfg.max_frames)
+    train_eps, val_eps = _split_rows(data.episode_ends, cfg.val_ratio, cfg.seed)
+    train_rows = torch.as_tensor(_episode_rows(data.episode_ends, train_eps))
+    val_rows = _episode_rows(data.episode_ends, val_eps)
+    val_images = data.images(val_rows[np.linspace(0, len(val_rows) - 1, min(256, len(val_rows))).astype(int)])
+    stats_images = data.images(
+        train_rows[torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed))[:2048]]
+    )
+
+    torch.manual_seed(cfg.seed)
+    model = Tokenizer(cfg.model)
+    psnr_before = _mean_psnr(model.eval(), val_images)
+
+    def loss_fn():
+        rows = train_rows[torch.randint(len(train_rows), (cfg.optim.batch_size,))]
+        return model.loss(data.images(rows), cfg.kl_weight)
+
+    step, rows = _fit(
+        model, cfg, out_dir, TOKENIZER_KIND, loss_fn, lambda m: m.fit_latent_stats(stats_images), {}
+    )
+    summary = {
+        "kind": TOKENIZER_KIND,
+        "steps": step,
+        "frames": len(data.frames),
+        "parameters": model.num_parameters(),
+        "val_psnr_db_initial": psnr_before,
+        "val_psnr_db": _mean_psnr(model, val_images),
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "latent_shape": [cfg.model.latent_channels, cfg.model.latent_size, cfg.model.latent_size],
+        "seconds": time.perf_counter() - start,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return JobResult(summary=summary)
+
+
+# ---------------------------------------------------------------------------- dynamics
+
+
+def run_dynamics(cfg: DynamicsTrainConfig, out_dir: Path) -> JobResult:
+    """Train the next-frame dynamics model on tokenizer latents; see the module docstring."""
+    from dreamrt.episodes import Normalizer, open_store
+    from dreamrt.world_models.data import ClipIndex, load_frames
+    from dreamrt.world_models.tokenizer import load_tokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    tc = tokenizer.config
+    lowdim = [cfg.action_key] + ([cfg.state_key] if cfg.state_key else [])
+    data = load_frames(cfg.store, cfg.camera, tc.image_size, lowdim_keys=lowdim, max_frames=cfg.max_frames)
+    store = open_store(cfg.store)
+    normalizer = Normalizer.from_stats(store.stats, {k: "min_max" for k in lowdim})
+    actions = torch.from_numpy(normalizer.normalize(cfg.action_key, data.lowdim[cfg.action_key]))
+    states = (
+        torch.from_numpy(normalizer.normalize(cfg.state_key, data.lowdim[cfg.state_key]))
+        if cfg.state_key
+        else torch.zeros(len(actions), 0)
+    )
+    with torch.no_grad():
+        latents = torch.cat(
+            [
+                tokenizer.encode(data.images(torch.arange(i, min(i + 256, len(data.frames)))))
+                for i in range(0, len(data.frames), 256)
+            ]
+        )  # (F, C, h, w)
+
+    model_cfg = dataclasses.replace(
+        cfg.model,
+        action_dim=actions.shape[1],
+        state_dim=states.shape[1],
+        latent_channels=tc.latent_channels,
+        latent_size=tc.latent_size,
+    )
+    train_eps, val_eps = _split_rows(data.episode_ends, cfg.val_ratio, cfg.seed)
+    train_clips = ClipIndex(data.episode_ends, cfg.clip_frames, train_eps)
+    val_clips = ClipIndex(data.episode_ends, cfg.clip_frames, val_eps)
+
+    torch.manual_seed(cfg.seed)
+    model = NextFrameDiT(model_cfg)
+
+    def loss_fn():
+        rows = train_clips.sample(cfg.optim.batch_size)  # (B, T)
+        return flow_matching_loss(
+            model, latents[rows], frame_conditions(actions[rows], states[rows]), cfg.flow
+        )
+
+    step, rows = _fit(model, cfg, out_dir, DYNAMICS_KIND, loss_fn, lambda m: None, normalizer.to_dict())
+    evaluation = evaluate_one_step(
+        model, tokenizer, latents, actions, states, val_clips, data, cfg.sampler, cfg.eval_clips, cfg.seed
+    )
+    summary = {
+        "kind": DYNAMICS_KIND,
+        "steps": step,
+        "frames": len(latents),
+        "parameters": model.num_parameters(),
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "tokenizer": str(cfg.tokenizer),
+        "camera": cfg.camera,
+        "action_key": cfg.action_key,
+        "state_key": cfg.state_key,
+        **evaluation,
+        "seconds": time.perf_counter() - start,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return JobResult(summary=summary)
+
+
+@torch.no_grad()
+def evaluate_one_step(
+    model: NextFrameDiT,
+    tokenizer: Tokenizer | None,
+    latents: torch.Tensor,
+    actions: torch.Tensor,
+    states: torch.Tensor,
+    clips: Any,
+    data: Any,
+    sampler: FrameSamplerConfig,
+    n_clips: int,
+    seed: int,
+) -> dict[str, float]:
+    """Predict the last frame of ``n_clips`` clips from the frames before it (cached rollout, batched)
+    and compare with repeating the last context frame: latent MSE, and PSNR when a tokenizer is given."""
+    from dreamrt.world_models.sampling import Rollout
+
+    g = torch.Generator().manual_seed(seed)
+    rows = clips.sample(n_clips, generator=g)  # (B, T)
+    b, t = rows.shape
+    rollout = Rollout(model.eval(), sampler, batch_size=b)
+    rollout.prefill(latents[rows[:, :-1]], actions[rows[:, :-1]], states[rows[:, :-1]])
+    pred = rollout.step(actions[rows[:, -2]], states[rows[:, -2]] if states.shape[1] else None)
+    truth, last = latents[rows[:, -1]], latents[rows[:, -2]]
+    result = {
+        "eval_latent_mse": float((pred - truth).pow(2).mean()),
+        "eval_latent_mse_copy_last": float((last - truth).pow(2).mean()),
+    }
+    if tokenizer is not None:
+        truth_img = data.images(rows[:, -1])
+        result["eval_psnr_db"] = float(psnr(tokenizer.decode(pred).clamp(0, 1), truth_img).mean())
+        result["eval_psnr_db_copy_last"] = float(psnr(data.images(rows[:, -2]), truth_img).mean())
+        result["eval_psnr_db_tokenizer"] = float(psnr(tokenizer.decode(truth).clamp(0, 1), truth_img).mean())
+    return result
