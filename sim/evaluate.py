@@ -25,12 +25,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dreamrt.errors import UserError
+import numpy as np
+
+from dreamrt.errors import UserError, choose
 from dreamrt.jobs import JobResult
 from dreamrt.policies.factory import PolicyConfig
 from dreamrt.sim.env import CONTROL_HZ, EnvConfig
 
 EXIT_INTERRUPTED = 130
+EVAL_MODES = ("chains", "tasks")
 VIDEO_HOLD_FRAMES = 15  # the last frame repeats so the outcome stays readable
 
 
@@ -38,7 +41,11 @@ VIDEO_HOLD_FRAMES = 15  # the last frame repeats so the outcome stays readable
 class EvalConfig:
     env: EnvConfig = field(default_factory=EnvConfig)  # the scene (D for CALVIN's evaluation) and its cameras
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # policy=expert|random or policy.path=DIR
+    # chains: CALVIN's protocol. tasks: single-task rollouts, episodes_per_task for each of the 34
+    # tasks, each from a reset into a random protocol-reachable state where the task is allowed.
+    mode: str = "chains"
     num_chains: int = 1000  # CALVIN evaluates 1000 chains of 5 tasks
+    episodes_per_task: int = 20  # mode=tasks
     seed: int = 0  # chain generation, and the per-chain env and policy seeds
     max_steps_per_subtask: int = 360
     num_workers: int = 2  # rollout processes (0: run in this process)
@@ -53,6 +60,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         from dreamrt.sim.video import check_video_format
 
+        choose("evaluation mode", self.mode, EVAL_MODES)
+        if self.episodes_per_task < 1:
+            raise UserError(f"episodes_per_task={self.episodes_per_task}; expected a positive int.")
         if self.num_chains < 1:
             raise UserError(f"num_chains={self.num_chains}; expected a positive int (CALVIN uses 1000).")
         if self.seed < 0:
@@ -120,6 +130,33 @@ def chain_specs(chains: list, seed: int, films: int) -> list:
     ]
 
 
+def task_specs(episodes_per_task: int, seed: int, films: int) -> list:
+    """EpisodeSpecs for single-task rollouts: for each task, random reachable states that allow it."""
+    from dreamrt.sim import protocol
+    from dreamrt.sim.language import eval_instruction
+    from dreamrt.sim.rollout import EpisodeSpec, derive_seed
+    from dreamrt.sim.tasks import task_names
+
+    specs = []
+    for t, task in enumerate(task_names()):
+        states = protocol.states_for(task)
+        rng = np.random.default_rng([seed, t])
+        for _ in range(episodes_per_task):
+            i = len(specs)
+            specs.append(
+                EpisodeSpec(
+                    index=i,
+                    start_state=states[int(rng.integers(len(states)))],
+                    tasks=(task,),
+                    instructions=(eval_instruction(task),),
+                    env_seed=derive_seed(seed, i, 0),
+                    policy_seeds=(derive_seed(seed, i, 1),),
+                    film=i < films,
+                )
+            )
+    return specs
+
+
 def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], bool]:
     """Run the evaluation; returns (summary, interrupted). Writes artifacts when ``out_dir`` is set."""
     from tqdm import tqdm
@@ -127,24 +164,28 @@ def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], boo
     from dreamrt.sim import protocol
     from dreamrt.sim.rollout import run_episodes
 
-    chains = protocol.generate_chains(cfg.num_chains, cfg.seed)
-    films = min(cfg.videos, cfg.num_chains) if out_dir is not None else 0
-    specs = chain_specs(chains, cfg.seed, films)
+    if cfg.mode == "chains":
+        films = min(cfg.videos, cfg.num_chains) if out_dir is not None else 0
+        specs = chain_specs(protocol.generate_chains(cfg.num_chains, cfg.seed), cfg.seed, films)
+    else:
+        films = cfg.videos if out_dir is not None else 0
+        specs = task_specs(cfg.episodes_per_task, cfg.seed, films)
     policies = build_policies(cfg.policy, cfg.env, max(1, cfg.num_workers))
     env_cfg = resolve_env_config(cfg.env, cfg.cameras, policies[0])
 
     results: dict[int, protocol.ChainResult] = {}
     videos: dict[int, list] = {}
     steps = 0
-    bar = tqdm(total=cfg.num_chains, unit="chain", desc="eval", disable=not cfg.progress)
+    bar = tqdm(total=len(specs), unit="episode", desc="eval", disable=not cfg.progress)
 
     def on_outcome(outcome) -> None:
         i = outcome.spec.index
-        results[i] = protocol.ChainResult(outcome.spec.tasks, outcome.num_success)
+        results[i] = (outcome.spec.tasks, outcome.num_success)
         if outcome.video is not None:
             videos[i] = outcome.video
         bar.update(1)
-        bar.set_postfix(avg_len=f"{sum(r.num_success for r in results.values()) / len(results):.2f}")
+        mean = sum(done for _, done in results.values()) / len(results)
+        bar.set_postfix({"avg_len" if cfg.mode == "chains" else "success": f"{mean:.2f}"})
 
     def on_step(n: int) -> None:
         nonlocal steps
@@ -172,8 +213,12 @@ def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], boo
     if not results:
         summary: dict[str, Any] = {"num_chains": 0, "chains": []}
     else:
-        # In chain order, not completion order, so the output does not depend on the workers.
-        summary = protocol.summarize([results[i] for i in sorted(results)])
+        # In episode order, not completion order, so the output does not depend on the workers.
+        ordered = [results[i] for i in sorted(results)]
+        if cfg.mode == "chains":
+            summary = protocol.summarize([protocol.ChainResult(tasks, done) for tasks, done in ordered])
+        else:
+            summary = summarize_tasks(ordered)
     summary.update(
         wall_time_s=wall,
         env_steps=steps,
@@ -185,6 +230,23 @@ def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], boo
     return summary, interrupted
 
 
+def summarize_tasks(results: list[tuple[tuple[str, ...], int]]) -> dict[str, Any]:
+    """Single-task rollouts, as (tasks, successes) pairs: success per task, their mean, the weakest."""
+    attempts: dict[str, list[int]] = {}
+    for tasks, done in results:
+        attempts.setdefault(tasks[0], []).append(done)
+    per_task = {task: float(np.mean(done)) for task, done in attempts.items()}
+    weakest = min(per_task, key=per_task.get)
+    return {
+        "mode": "tasks",
+        "per_task": per_task,
+        "mean_success": float(np.mean(list(per_task.values()))),
+        "min_task": {"task": weakest, "success": per_task[weakest]},
+        "num_episodes": len(results),
+        "episodes_per_task": {task: len(done) for task, done in attempts.items()},
+    }
+
+
 def write_artifacts(cfg: EvalConfig, summary: dict, videos: dict[int, list], out_dir: Path) -> dict[str, Any]:
     """results.json, per_task.png and the videos; returns their paths."""
     from dreamrt.sim.protocol import CHAIN_LENGTH
@@ -192,8 +254,14 @@ def write_artifacts(cfg: EvalConfig, summary: dict, videos: dict[int, list], out
 
     out_dir.mkdir(parents=True, exist_ok=True)
     artifacts: dict[str, Any] = {"results": str(out_dir / "results.json"), "chart": None, "videos": []}
-    if summary.get("per_task"):
-        attempts: dict[str, int] = {}
+    if summary.get("per_task") and cfg.mode == "tasks":
+        attempts = summary["episodes_per_task"]
+        title = (
+            f"{_policy_name(cfg.policy)} on scene {cfg.env.scene}: single-task rollouts, "
+            f"mean success {summary['mean_success']:.2f}"
+        )
+    elif summary.get("per_task"):
+        attempts = {}
         for chain in summary["chains"]:
             for task in chain["tasks"][: chain["num_success"] + 1]:
                 attempts[task] = attempts.get(task, 0) + 1
@@ -201,12 +269,13 @@ def write_artifacts(cfg: EvalConfig, summary: dict, videos: dict[int, list], out
             f"{_policy_name(cfg.policy)} on scene {cfg.env.scene}: {summary['num_chains']} chains, "
             f"avg len {summary['avg_len']:.2f}, SR " + " ".join(f"{s:.2f}" for s in summary["sr"])
         )
+    if summary.get("per_task"):
         artifacts["chart"] = str(
             per_task_chart(out_dir / "per_task.png", summary["per_task"], attempts, title)
         )
     for i in sorted(videos):
         frames = videos[i]
-        n = CHAIN_LENGTH
+        n = CHAIN_LENGTH if cfg.mode == "chains" else 1
         rendered = []
         for t, (frame, instruction, done) in enumerate(frames):
             last = t == len(frames) - 1
@@ -241,14 +310,27 @@ def run(cfg: EvalConfig, out_dir: Path | None = None) -> JobResult:
 
 
 def format_summary(summary: dict) -> str:
-    """A few lines: SR_1..SR_5, average length, speed, where things were written."""
-    if not summary.get("num_chains"):
+    """A few lines: SR_1..SR_5 and average length (or per-task success), speed, where things were written."""
+    if summary.get("mode") == "tasks":
+        weakest = summary["min_task"]
+        lines = [
+            f"{summary['num_episodes']} single-task episodes over {len(summary['per_task'])} tasks",
+            f"mean success {summary['mean_success']:.3f}; weakest {weakest['task']} {weakest['success']:.3f}",
+        ]
+        lines += [f"  {task:28s} {rate:.3f}" for task, rate in summary["per_task"].items()]
+        lines.append(
+            f"{summary['env_steps']} env steps in {summary['wall_time_s']:.1f} s ({summary['steps_per_s']:.0f} steps/s)"
+        )
+    elif not summary.get("num_chains"):
         return "no chain finished"
-    lines = [
-        f"{summary['num_chains']} chains{' (interrupted: finished chains only)' if summary.get('interrupted') else ''}",
-        "SR1..SR5: " + "  ".join(f"{s:.3f}" for s in summary["sr"]) + f"   avg len: {summary['avg_len']:.3f}",
-        f"{summary['env_steps']} env steps in {summary['wall_time_s']:.1f} s ({summary['steps_per_s']:.0f} steps/s)",
-    ]
+    else:
+        lines = [
+            f"{summary['num_chains']} chains{' (interrupted: finished chains only)' if summary.get('interrupted') else ''}",
+            "SR1..SR5: "
+            + "  ".join(f"{s:.3f}" for s in summary["sr"])
+            + f"   avg len: {summary['avg_len']:.3f}",
+            f"{summary['env_steps']} env steps in {summary['wall_time_s']:.1f} s ({summary['steps_per_s']:.0f} steps/s)",
+        ]
     art = summary.get("artifacts")
     if art:
         lines.append(f"results: {art['results']}")

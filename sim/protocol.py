@@ -26,7 +26,9 @@ Rules worth knowing (they are what a policy is asked to do):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -476,3 +478,32 @@ def summarize(results: Sequence[ChainResult]) -> dict:
         "num_chains": n,
         "chains": [{"tasks": list(r.tasks), "num_success": r.num_success} for r in results],
     }
+
+
+@functools.lru_cache(maxsize=1)
+def reachable_states() -> tuple[SymbolicState, ...]:
+    """Every symbolic state reachable from the 192 start states by valid tasks (1744), in BFS order:
+    the states a chain can leave the scene in, and so the states a policy must act from."""
+    seen: dict[str, SymbolicState] = {}
+    queue = deque(start_states())
+    for state in queue:
+        seen.setdefault(state_key(state), state)
+    while queue:
+        state = queue.popleft()
+        for task in valid_tasks(state):
+            nxt = apply_task(task, state)
+            if state_key(nxt) not in seen:
+                seen[state_key(nxt)] = nxt
+                queue.append(nxt)
+    return tuple(seen.values())
+
+
+@functools.lru_cache(maxsize=64)
+def states_for(task: str) -> tuple[SymbolicState, ...]:
+    """The reachable states in which ``task``'s precondition holds."""
+    return tuple(s for s in reachable_states() if precondition_holds(task, s))
+
+
+def state_key(state: SymbolicState) -> str:
+    """A hashable identity of a symbolic state (SymbolicState holds a dict, so it is not hashable)."""
+    return repr(state_to_dict(state))

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,35 +125,17 @@ class RecordConfig:
 # ---------------------------------------------------------------------------- what to record
 
 
-@functools.lru_cache(maxsize=1)
-def reachable_states() -> tuple:
-    """Every symbolic state reachable from CALVIN's 192 start states by valid tasks (1744), in BFS order."""
-    from dreamrt.sim import protocol
-
-    key = _state_key
-    seen: dict[str, Any] = {}
-    queue = deque(protocol.start_states())
-    for s in queue:
-        seen.setdefault(key(s), s)
-    while queue:
-        state = queue.popleft()
-        for task in protocol.valid_tasks(state):
-            nxt = protocol.apply_task(task, state)
-            if key(nxt) not in seen:
-                seen[key(nxt)] = nxt
-                queue.append(nxt)
-    return tuple(seen.values())
-
-
 def _state_key(state) -> str:
     from dreamrt.sim import protocol
 
-    return repr(protocol.state_to_dict(state))
+    return protocol.state_key(state)
 
 
 @functools.lru_cache(maxsize=1)
 def _states_by_key() -> dict:
-    return {_state_key(s): s for s in reachable_states()}
+    from dreamrt.sim import protocol
+
+    return {_state_key(s): s for s in protocol.reachable_states()}
 
 
 @functools.cache
@@ -174,13 +155,6 @@ def _longest(key: str, prev: str | None, allowed: frozenset, limit: int) -> int:
     return best
 
 
-@functools.lru_cache(maxsize=64)
-def _states_for(task: str) -> tuple:
-    from dreamrt.sim import protocol
-
-    return tuple(s for s in reachable_states() if protocol.precondition_holds(task, s))
-
-
 def attempt_spec(cfg: RecordConfig, index: int):
     """The EpisodeSpec of attempt ``index``: a function of (cfg.seed, index) and the task filter."""
     from dreamrt.sim import protocol
@@ -192,7 +166,7 @@ def attempt_spec(cfg: RecordConfig, index: int):
     allowed = list(cfg.tasks) if cfg.tasks is not None else task_names()
     if cfg.mode == "single":
         task = allowed[int(rng.integers(len(allowed)))]
-        states = _states_for(task)
+        states = protocol.states_for(task)
         start = states[int(rng.integers(len(states)))]
         tasks = [task]
     else:

@@ -199,3 +199,20 @@ def test_eval_cli_help_and_user_errors(capsys):
     for command in (["record", "--help"], ["demo", "--help"], ["bench", "sim", "--help"]):
         assert main(command) == 0
     assert "num_chains: 5" in capsys.readouterr().out  # the demo's defaults
+
+
+def test_task_mode_runs_every_task_from_states_that_allow_it_and_the_expert_solves_them(tmp_path):
+    from dreamrt.sim.evaluate import task_specs
+    from dreamrt.sim.tasks import task_names
+
+    specs = task_specs(episodes_per_task=2, seed=0, films=0)
+    assert [s.tasks[0] for s in specs] == [t for t in task_names() for _ in range(2)]
+    assert all(protocol.precondition_holds(s.tasks[0], s.start_state) for s in specs)
+    assert task_specs(2, 0, 0) == specs  # a function of the seed alone
+
+    cfg = EvalConfig(mode="tasks", episodes_per_task=1, num_workers=0, videos=0, progress=False)
+    summary = run(cfg, tmp_path).summary
+    assert summary["mode"] == "tasks" and summary["num_episodes"] == len(task_names())
+    assert set(summary["per_task"]) == set(task_names())
+    assert summary["mean_success"] >= 0.9, summary["per_task"]
+    assert (tmp_path / "per_task.png").is_file()

@@ -17,7 +17,8 @@ from dreamrt.policies.factory import PolicyConfig  # noqa: E402
 from dreamrt.sim import protocol  # noqa: E402
 from dreamrt.sim.env import EnvConfig  # noqa: E402
 from dreamrt.sim.language import train_instructions  # noqa: E402
-from dreamrt.sim.record import TASK_ID_KEY, RecordConfig, attempt_spec, reachable_states, run  # noqa: E402
+from dreamrt.sim.protocol import reachable_states  # noqa: E402
+from dreamrt.sim.record import TASK_ID_KEY, RecordConfig, attempt_spec, run  # noqa: E402
 from dreamrt.sim.tasks import task_names  # noqa: E402
 
 # Small images keep the stores tiny; the tasks are short ones for the expert.
