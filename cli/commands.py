@@ -90,6 +90,34 @@ COMMANDS: tuple[Command, ...] = (
         schema="dreamrt.sim.bench:BenchSimConfig",
         job="dreamrt.sim.bench:run",
     ),
+    Command(
+        name="run",
+        summary="Run a policy in the sim under the fixed-rate real-time loop, with a live status line.",
+        config="run",
+        schema="dreamrt.runtime.run_job:RunConfig",
+        job="dreamrt.runtime.run_job:run",
+    ),
+    Command(
+        name="export onnx",
+        summary="Export a policy checkpoint's observation encoder and one denoiser step to ONNX.",
+        config="export_onnx",
+        schema="dreamrt.runtime.export_job:ExportConfig",
+        job="dreamrt.runtime.export_job:run",
+    ),
+    Command(
+        name="bench policy",
+        summary="Per-chunk latency p50/p99 and success per sampler, step count, cache and backend.",
+        config="bench_policy",
+        schema="dreamrt.runtime.bench_policy:BenchPolicyConfig",
+        job="dreamrt.runtime.bench_policy:run",
+    ),
+    Command(
+        name="distill",
+        summary="Consistency-distil a trained DP-T into a 1-3 step student checkpoint.",
+        config="distill",
+        schema="dreamrt.training.distill:DistillConfig",
+        job="dreamrt.training.distill:run",
+    ),
 )
 
 

@@ -183,7 +183,9 @@ def _explain_hydra_error(command: Command, overrides: list[str], error: Exceptio
     bad_value = re.search(r"full_key: (\S+)", message)
     if bad_value:
         key = bad_value.group(1)
-        reason = next((line.strip() for line in message.splitlines() if "Value '" in line), message.splitlines()[0])
+        reason = next(
+            (line.strip() for line in message.splitlines() if "Value '" in line), message.splitlines()[0]
+        )
         expected = _expected_type(command, key)
         return (
             f"Invalid value for '{key}' in `dreamrt {command.name}`: {reason}."
@@ -213,7 +215,9 @@ def _explain_config_error(command: Command, error: Exception) -> str:
     if "missing mandatory value" in message.lower() and key:
         hint = f" Pass it as `{key}=...`"
         if key in command.positional:
-            hint = f" Pass it as the positional argument {key.upper()} (`dreamrt {command.name} {key.upper()}`)"
+            hint = (
+                f" Pass it as the positional argument {key.upper()} (`dreamrt {command.name} {key.upper()}`)"
+            )
         return f"`dreamrt {command.name}` needs a value for '{key}'.{hint}."
     if key:
         expected = _expected_type(command, key)
@@ -246,7 +250,11 @@ def _load(target: str):
 
 def _default_run_dir(command: Command) -> Path:
     now = _dt.datetime.now()
-    base = Path("outputs") / now.strftime("%Y-%m-%d") / f"{now.strftime('%H-%M-%S')}_{command.name.replace(' ', '_')}"
+    base = (
+        Path("outputs")
+        / now.strftime("%Y-%m-%d")
+        / f"{now.strftime('%H-%M-%S')}_{command.name.replace(' ', '_')}"
+    )
     candidate, n = base, 1
     while candidate.exists():
         candidate, n = base.with_name(f"{base.name}_{n}"), n + 1

@@ -14,7 +14,7 @@ reads it::
       meta/writer.lock          fcntl lock held by the one writer
 
 Keys follow LeRobot: ``observation.state``, ``observation.images.<camera>``, any other
-``observation.*`` key, ``action``, plus the columns the writer fills itself: ``timestamp``,
+``observation.*`` key, ``action``, ``loop.*`` (the control loop's per-tick timing), plus the columns the writer fills itself: ``timestamp``,
 ``frame_index``, ``episode_index`` and ``task_index``.
 
 The commit record (written to a temporary file, fsynced and renamed over the old one)
@@ -57,7 +57,7 @@ AUTO_FEATURES: dict[str, tuple[str, tuple[int, ...]]] = {
     "task_index": ("int64", ()),
 }
 VISUAL_PREFIXES = ("observation.images.", "observation.depth.")
-_KEY_RE = re.compile(r"^(action|observation\.[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)$")
+_KEY_RE = re.compile(r"^(action|(observation|loop)\.[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)$")
 ALLOWED_DTYPES = (
     "bool",
     "uint8",
@@ -114,7 +114,7 @@ def parse_feature(key: str, spec: Feature | Mapping[str, Any]) -> Feature:
         )
     if not _KEY_RE.match(key):
         raise UserError(
-            f"Invalid feature key '{key}'. Expected 'action' or 'observation.<name>' "
+            f"Invalid feature key '{key}'. Expected 'action', 'observation.<name>' or 'loop.<name>' "
             f"(e.g. 'observation.state', 'observation.images.<camera>', 'observation.depth.<camera>')."
         )
     if isinstance(spec, Feature):

@@ -42,7 +42,9 @@ class ActionChunk:
     def __post_init__(self) -> None:
         self.actions = np.asarray(self.actions, dtype=np.float32)
         if self.actions.ndim != 2 or len(self.actions) == 0:
-            raise ValueError(f"ActionChunk.actions must be (Ta>0, action_dim), got shape {self.actions.shape}")
+            raise ValueError(
+                f"ActionChunk.actions must be (Ta>0, action_dim), got shape {self.actions.shape}"
+            )
 
 
 @runtime_checkable

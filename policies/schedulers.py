@@ -141,33 +141,19 @@ def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "l
     return [round(num_train_timesteps - k * ratio) - 1 for k in range(num_steps)]
 
 
-class Sampler:
-    """A reverse process over fixed timesteps: ``x_prev = c_x0 * x0_hat + c_xt * x_t + sigma * noise``.
+class TimestepSampler:
+    """What every reverse process shares: a fixed list of timesteps and the loop over them.
 
-    Built by ``DDPMSampler`` or ``DDIMSampler``, which only compute the coefficient tables.
     ``timesteps[i]`` is the timestep the denoiser sees at step i; step i goes from
-    ``timesteps[i]`` to ``timesteps[i + 1]`` (clean data after the last step).
+    ``timesteps[i]`` to ``timesteps[i + 1]`` (clean data after the last step). Subclasses
+    define ``step``; the DDPM/DDIM samplers below and the consistency student's
+    (:mod:`dreamrt.policies.consistency`) differ only there.
     """
 
-    def __init__(
-        self,
-        schedule: NoiseSchedule,
-        timesteps: Sequence[int],
-        c_x0: Sequence[float],
-        c_xt: Sequence[float],
-        sigma: Sequence[float],
-    ):
-        assert len(timesteps) == len(c_x0) == len(c_xt) == len(sigma)
+    def __init__(self, schedule: NoiseSchedule, timesteps: Sequence[int]):
         self.schedule = schedule
         self.timesteps: list[int] = list(timesteps)
-        self.c_x0 = [float(c) for c in c_x0]
-        self.c_xt = [float(c) for c in c_xt]
-        self.sigma = [float(s) for s in sigma]
         self._index = {t: i for i, t in enumerate(self.timesteps)}
-        # For the x0 estimate: x0 = (x_t - sqrt(1 - ab_t) * eps) / sqrt(ab_t).
-        abs_ = [schedule.alpha_bar(t) for t in self.timesteps]
-        self._sqrt_one_minus_ab = [math.sqrt(1.0 - ab) for ab in abs_]
-        self._inv_sqrt_ab = [1.0 / math.sqrt(ab) for ab in abs_]
 
     def _step_index(self, t: int) -> int:
         i = self._index.get(int(t))
@@ -186,6 +172,66 @@ class Sampler:
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
+
+    def step(
+        self,
+        model_output: Tensor,
+        t: int,
+        x_t: Tensor,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def sample(
+        self,
+        denoise: Denoiser,
+        x_T: Tensor,
+        noise: Sequence[Tensor] | Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Run all steps from ``x_T`` (B, ...), usually standard normal noise; returns the clean sample.
+
+        ``denoise(x_t, t)`` gets the current sample and the integer timestep and returns the
+        model output (epsilon or x0, per the schedule's prediction type). Step noise comes
+        from ``noise`` (one tensor per step, shape of x_T; entries of deterministic steps are
+        ignored) or, when None, from ``generator``. Gradients are not disabled here: wrap the
+        call in ``torch.inference_mode()`` for inference.
+        """
+        if noise is not None and len(noise) != self.num_steps:
+            raise UserError(
+                f"{type(self).__name__}.sample got {len(noise)} step noises for {self.num_steps} steps; pass one "
+                f"tensor shaped like x_T per step (a ({self.num_steps}, *x_T.shape) tensor works too)."
+            )
+        x = x_T
+        for i, t in enumerate(self.timesteps):
+            x = self.step(denoise(x, t), t, x, None if noise is None else noise[i], generator)
+        return x
+
+
+class Sampler(TimestepSampler):
+    """A reverse process over fixed timesteps: ``x_prev = c_x0 * x0_hat + c_xt * x_t + sigma * noise``.
+
+    Built by ``DDPMSampler`` or ``DDIMSampler``, which only compute the coefficient tables.
+    """
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        timesteps: Sequence[int],
+        c_x0: Sequence[float],
+        c_xt: Sequence[float],
+        sigma: Sequence[float],
+    ):
+        assert len(timesteps) == len(c_x0) == len(c_xt) == len(sigma)
+        super().__init__(schedule, timesteps)
+        self.c_x0 = [float(c) for c in c_x0]
+        self.c_xt = [float(c) for c in c_xt]
+        self.sigma = [float(s) for s in sigma]
+        # For the x0 estimate: x0 = (x_t - sqrt(1 - ab_t) * eps) / sqrt(ab_t).
+        abs_ = [schedule.alpha_bar(t) for t in self.timesteps]
+        self._sqrt_one_minus_ab = [math.sqrt(1.0 - ab) for ab in abs_]
+        self._inv_sqrt_ab = [1.0 / math.sqrt(ab) for ab in abs_]
 
     @property
     def is_stochastic(self) -> bool:
@@ -227,31 +273,6 @@ class Sampler:
                 noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
             x_prev = x_prev + self.sigma[i] * noise
         return x_prev
-
-    def sample(
-        self,
-        denoise: Denoiser,
-        x_T: Tensor,
-        noise: Sequence[Tensor] | Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Run all steps from ``x_T`` (B, ...), usually standard normal noise; returns the clean sample.
-
-        ``denoise(x_t, t)`` gets the current sample and the integer timestep and returns the
-        model output (epsilon or x0, per the schedule's prediction type). Step noise comes
-        from ``noise`` (one tensor per step, shape of x_T; entries of deterministic steps are
-        ignored) or, when None, from ``generator``. Gradients are not disabled here: wrap the
-        call in ``torch.inference_mode()`` for inference.
-        """
-        if noise is not None and len(noise) != self.num_steps:
-            raise UserError(
-                f"Sampler.sample got {len(noise)} step noises for {self.num_steps} steps; pass one tensor "
-                f"shaped like x_T per step (a ({self.num_steps}, *x_T.shape) tensor works too)."
-            )
-        x = x_T
-        for i, t in enumerate(self.timesteps):
-            x = self.step(denoise(x, t), t, x, None if noise is None else noise[i], generator)
-        return x
 
 
 class DDPMSampler(Sampler):
@@ -324,8 +345,10 @@ class DDIMSampler(Sampler):
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    name: str = "ddim"  # "ddpm" or "ddim"
-    num_steps: int | None = 10  # None: every training timestep
+    name: str = (
+        "ddim"  # "ddpm", "ddim" or "consistency" (a distilled student's, dreamrt.policies.consistency)
+    )
+    num_steps: int | None = 10  # None: every training timestep (consistency: 1)
     eta: float = 0.0  # DDIM only
     spacing: str = "leading"  # DDIM only: "leading" (Diffusion Policy) or "trailing"
 
@@ -340,7 +363,7 @@ class SamplerConfig:
             raise UserError(f"SamplerConfig.eta must be in [0, 1], got {self.eta!r}.")
 
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "consistency")
 
 
 def make_sampler(schedule: NoiseSchedule, config: SamplerConfig) -> Sampler:
@@ -351,5 +374,10 @@ def make_sampler(schedule: NoiseSchedule, config: SamplerConfig) -> Sampler:
             return DDPMSampler(schedule, n)
         case "ddim":
             return DDIMSampler(schedule, n, eta=config.eta, spacing=config.spacing)
+        case "consistency":
+            # A distilled student's few-step sampler (dreamrt.training.distill); eta and spacing do not apply.
+            from dreamrt.policies.consistency import make_consistency_sampler
+
+            return make_consistency_sampler(schedule, config.num_steps)
         case _:
             raise AssertionError(config.name)  # SamplerConfig validated the name

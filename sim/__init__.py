@@ -9,7 +9,17 @@ The registration is the one thing done at import time: gymnasium offers no other
 it costs nothing beyond numpy, which the package's data types need anyway.
 """
 
+import os as _os
+import sys as _sys
+
 import gymnasium as _gymnasium
+
+# MuJoCo binds its GL platform when it is first imported, and a context made later by another
+# platform (the EGL fallback in render.py) fails once frames are rendered from a worker thread,
+# as the real-time loop does. Headless EGL is the right default on Linux; an explicit
+# MUJOCO_GL (glfw for a desktop viewer, osmesa) still wins.
+if _sys.platform.startswith("linux"):
+    _os.environ.setdefault("MUJOCO_GL", "egl")
 
 ENV_ID = "dreamrt/CalvinStyle-v0"
 

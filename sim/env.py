@@ -62,6 +62,11 @@ ACTION_MODES = ("rel_cartesian", "abs_cartesian", "joint")
 INSTRUCTION_CHARSET = string.ascii_letters + string.digits + string.punctuation + " "
 INSTRUCTION_MAX_LENGTH = 256
 
+# Drawer blocks: open fingers stand about 0.03 m beside a block's sides, so neighbours closer
+# than DRAWER_FINGER_ROOM alternate along y by DRAWER_STAGGER (m from the drawer's centre; the
+# second entry towards the robot), which leaves each one a stretch with no neighbour beside it.
+DRAWER_FINGER_ROOM = 0.035
+DRAWER_STAGGER = (-0.04, 0.045)
 OPTION_KEYS = ("symbolic_state", "instruction", "robot_qpos")
 
 
@@ -532,14 +537,16 @@ class CalvinStyleEnv(gym.Env):
 
         # Containers: blocks side by side along x around the spot. In the drawer they lie
         # turned by 90 degrees (long side along y), so a hand with its fingers along x (the
-        # way that keeps the palm clear of the desk top) can grasp each across 0.05 m.
+        # way that keeps the palm clear of the desk top) can grasp each across 0.05 m; they
+        # are spread over the drawer's width so the open fingers (0.03 m beside each side of a
+        # block) fit between them where they can.
         drawer_spot = d.site_xpos[self._model.site("drawer_spot").id].copy()
-        containers = {  # place -> (spot, usable width along x, block yaw)
-            "slider_left": (scene.slider_spot(cfg, "left"), scene.CABINET_HALF_WIDTH - 0.04, 0.0),
-            "slider_right": (scene.slider_spot(cfg, "right"), scene.CABINET_HALF_WIDTH - 0.04, 0.0),
-            "drawer": (drawer_spot, 2 * scene.DRAWER_HALF[0] - 0.04, math.pi / 2),
+        containers = {  # place -> (spot, usable width along x, block yaw, spread over the width)
+            "slider_left": (scene.slider_spot(cfg, "left"), scene.CABINET_HALF_WIDTH - 0.04, 0.0, False),
+            "slider_right": (scene.slider_spot(cfg, "right"), scene.CABINET_HALF_WIDTH - 0.04, 0.0, False),
+            "drawer": (drawer_spot, 2 * scene.DRAWER_HALF[0] - 0.04, math.pi / 2, True),
         }
-        for place, (spot, width, yaw0) in containers.items():
+        for place, (spot, width, yaw0, spread) in containers.items():
             colors = by_place.get(place, [])
             if not colors:
                 continue
@@ -551,12 +558,17 @@ class CalvinStyleEnv(gym.Env):
                     f"symbolic state puts {colors} in {place!r}, which is {width:.2f} m wide; they need "
                     f"{total:.2f} m. Put fewer blocks there."
                 )
-            slack = (width - total) / 2
+            stagger = (0.0, 0.0)
+            if spread:  # equal room between neighbours and at both ends of the usable width
+                gap = (width - sum(extent.values())) / (len(colors) + 1)
+                total = width - 2 * gap
+                if gap < DRAWER_FINGER_ROOM:  # too little: every other block towards the robot
+                    stagger = DRAWER_STAGGER
+            slack = (width - total) / 2 if not spread else gap / 4
             x = spot[0] - total / 2 + rng.uniform(-min(pn, slack), min(pn, slack))
-            for c in colors:
-                centre = np.array(
-                    [x + extent[c] / 2, spot[1] + rng.uniform(-pn, pn), spot[2] + size[c][2] / 2]
-                )
+            for i, c in enumerate(colors):
+                y = spot[1] + stagger[i % 2] + rng.uniform(-pn, pn)
+                centre = np.array([x + extent[c] / 2, y, spot[2] + size[c][2] / 2])
                 placed[c] = (centre, yaw0 + rng.uniform(-0.1, 0.1))
                 x += extent[c] + gap
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -37,6 +37,7 @@ from dreamrt.sim.motion import (
     OPEN,
     Actions,
     Block,
+    Box,
     Landmarks,
     Motion,
 )
@@ -64,7 +65,19 @@ DRAWER_STROKE = 0.24
 SWITCH_STROKE = 0.095
 BUTTON_PRESS = 0.021  # below the cap's top
 HAND_ACROSS_X = math.pi / 2  # hand yaw with the fingers closing along world x
-DRAWER_DROP_SHIFT = 0.06  # m along x beside a block already in the drawer
+# Open fingers reach this far from the tool along their closing axis (outer faces), and are
+# this wide across it: what must fit between a drawer block and its neighbours or the walls.
+FINGER_REACH = panda.FINGER_TRAVEL + 2 * panda.FINGER_HALF_XY[1]
+FINGER_HALF_WIDTH = panda.FINGER_HALF_XY[0]
+DRAWER_WALL = 0.01  # thickness of the drawer's walls (scene._drawer)
+# Tool this far above a drawer block's centre: the palm then clears the walls' tops and the
+# flange the front plate, and the pads still hold the block's upper 2.4 cm.
+DRAWER_GRASP_RAISE = 0.01
+GRASP_CLEARANCE = 0.006  # m the open fingers need from walls and other blocks
+# The open fingers stand 1.5 cm off each side of a 5 cm block: the tool may shift that much
+# (less a margin) away from a close neighbour; closing then centres the block between the pads.
+GRASP_SHIFT = 0.012
+DRAWER_DROP_HEIGHT = 0.025  # a block is let go this far above the drawer floor (or the blocks in it)
 
 
 @dataclass
@@ -156,6 +169,77 @@ def _nearest_mod(angle: float, ref: float, period: float) -> float:
     return ref + ((angle - ref + period / 2) % period - period / 2)
 
 
+def drawer_inside(m: Motion) -> Box:
+    """The drawer's floor between its walls, where it is now."""
+    spot = m.landmark("drawer_spot")
+    hx, hy = scene.DRAWER_HALF[0] - DRAWER_WALL, scene.DRAWER_HALF[1]
+    return Box(spot[0] - hx, spot[0] + hx, spot[1] - hy + DRAWER_WALL, spot[1] + hy)
+
+
+def drawer_tool_y(m: Motion) -> tuple[float, float]:
+    """Tool y range over the drawer with the palm along x: clear of the desk edge and the front plate."""
+    inside, margin = drawer_inside(m), panda.PALM_HALF[0] + 0.005
+    return scene.DESK_Y[1] + margin, inside.y1 - margin
+
+
+def drawer_blocks(m: Motion, exclude: str) -> list[Block]:
+    inside = drawer_inside(m)
+    blocks = [m.block(c) for c in BLOCK_COLORS if c != exclude]
+    return [b for b in blocks if b.pos[2] < 0 and inside.x0 < b.pos[0] < inside.x1]
+
+
+def finger_box(x: float, y: float) -> Box:
+    """Footprint of the open fingers around the tool at (x, y), closing along x."""
+    return Box(x - FINGER_REACH, x + FINGER_REACH, y - FINGER_HALF_WIDTH, y + FINGER_HALF_WIDTH)
+
+
+def drawer_grasp(m: Motion, b: Block) -> tuple[np.ndarray, float]:
+    """Tool xy straddling drawer block ``b`` with open fingers along x, and the clearance they
+    keep from the walls and the other blocks there (negative: they would land on something).
+    Where a neighbour stands close, the tool shifts away from it: across the block by up to
+    GRASP_SHIFT, and along a long block towards the end that sticks out past the neighbour."""
+    inside, (lo, hi) = drawer_inside(m), drawer_tool_y(m)
+    others = [o.box() for o in drawer_blocks(m, b.color)]
+    box = b.box()
+    x_mid, y_mid = (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2
+    along = max(0.0, (box.y1 - box.y0) / 2 - FINGER_HALF_WIDTH - 0.008)  # fingers stay on the block
+    best, best_score, best_clearance = np.array([x_mid, y_mid]), -math.inf, -math.inf
+    for x in np.linspace(x_mid - GRASP_SHIFT, x_mid + GRASP_SHIFT, 7):
+        for y in np.linspace(y_mid - along, y_mid + along, 9):
+            if not lo <= y <= hi:
+                continue
+            fingers = finger_box(x, y)
+            clearance = min([fingers.inset(inside)] + [fingers.gap(o) for o in others])
+            # Enough room is enough: then the most central grasp holds best.
+            score = min(clearance, GRASP_CLEARANCE) - 0.1 * math.hypot(x - x_mid, y - y_mid)
+            if score > best_score:
+                best, best_score, best_clearance = np.array([x, y]), score, clearance
+    return best, best_clearance
+
+
+def drawer_grasp_point(m: Motion, b: Block) -> np.ndarray:
+    xy, _ = drawer_grasp(m, b)
+    return np.array([xy[0], xy[1], b.pos[2] + DRAWER_GRASP_RAISE])
+
+
+def drawer_drop_point(m: Motion, color: str, yaw: float) -> np.ndarray:
+    """Where the held block, turned by the hand to ``yaw``, lands farthest from the drawer's walls
+    and the blocks already in it; the tool height lets it go above them."""
+    b = m.block(color)
+    turned = replace(b, yaw=b.yaw + yaw - m.yaw())
+    inside, (lo, hi) = drawer_inside(m), drawer_tool_y(m)
+    others = drawer_blocks(m, color)
+    best, best_clearance = ((inside.x0 + inside.x1) / 2, (lo + hi) / 2), -math.inf
+    for x in np.arange(inside.x0, inside.x1, 0.01):
+        for y in np.arange(lo, hi, 0.01):
+            box = turned.box((x - b.pos[0], y - b.pos[1]))
+            clearance = min([box.inset(inside)] + [box.gap(o.box()) for o in others])
+            if clearance > best_clearance:
+                best, best_clearance = (x, y), clearance
+    bottom = max([scene.DRAWER_FLOOR_Z] + [o.top for o in others]) + DRAWER_DROP_HEIGHT
+    return np.array([best[0], best[1], bottom + held_offset(m, color)])
+
+
 # ---------------------------------------------------------------------------- building blocks
 
 
@@ -214,13 +298,18 @@ def empty_hand(m: Motion) -> Actions:
     yield from release_hand(m)
 
 
-def pick(m: Motion, color: str, yaw_of: Callable[[Motion, Block], float] = grasp_yaw) -> Actions:
-    """Grasp a free table block from above (retrying a missed grasp); returns the grasp yaw."""
+def pick(
+    m: Motion,
+    color: str,
+    yaw_of: Callable[[Motion, Block], float] = grasp_yaw,
+    at: Callable[[Motion, Block], np.ndarray] = lambda m, b: b.pos,
+) -> Actions:
+    """Grasp a block from above at tool position ``at`` (retrying a missed grasp); returns the grasp yaw."""
     yaw = 0.0
     for _ in range(GRASP_ATTEMPTS):
         b = m.block(color)
         yaw = yaw_of(m, b)
-        yield from travel(m, b.pos + [0, 0, 0.0], yaw, OPEN, above=0.1)
+        yield from travel(m, at(m, b), yaw, OPEN, above=0.1)
         yield from m.wait(CLOSE_STEPS, CLOSE)
         if m.width > MIN_GRASP_WIDTH:
             return yaw
@@ -251,22 +340,12 @@ def set_down(m: Motion, color: str) -> Actions:
 
 
 def drop_into_drawer(m: Motion, color: str) -> Actions:
-    """Carry the held block over the open drawer and let it drop next to what lies there."""
-    spot = m.landmark("drawer_spot")
-    inside = [
-        m.block(c).pos[0] - spot[0]
-        for c in BLOCK_COLORS
-        if c != color and m.block(c).pos[2] < 0 and np.linalg.norm(m.block(c).pos[:2] - spot[:2]) < 0.15
-    ]
-    dx = max(
-        (-DRAWER_DROP_SHIFT, 0.0, DRAWER_DROP_SHIFT),
-        key=lambda x: min((abs(x - o) for o in inside), default=1),
-    )
+    """Carry the held block over the open drawer and let it drop where it has most room."""
     yaw = m.nearest_yaw(HAND_ACROSS_X)  # palm along x fits the drawer's opening
-    z = spot[2] + held_offset(m, color) + 0.025
-    yield from travel(m, [spot[0] + dx, spot[1], z], yaw, CLOSE)
+    goal = drawer_drop_point(m, color, yaw)
+    yield from travel(m, goal, yaw, CLOSE)
     yield from m.wait(OPEN_STEPS, OPEN)
-    yield from m.move([spot[0] + dx, spot[1], TRAVEL_Z], max_steps=40)
+    yield from m.move([goal[0], goal[1], TRAVEL_Z], max_steps=40)
 
 
 # ---------------------------------------------------------------------------- skills
@@ -314,7 +393,7 @@ def lift_from_drawer(m: Motion, color: str) -> Actions:
         # The desk top overhangs the drawer's far half: only a palm along x fits the opening.
         return _nearest_mod(b.yaw, m.nearest_yaw(HAND_ACROSS_X), grasp_period(b))
 
-    yaw = yield from pick(m, color, palm_along_x)
+    yaw = yield from pick(m, color, palm_along_x, drawer_grasp_point)
     b = m.block(color)
     yield from m.move([b.pos[0], b.pos[1], 0.15], yaw, CLOSE)
 

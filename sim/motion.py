@@ -45,6 +45,25 @@ def wrap(angle: float) -> float:
 
 
 @dataclass(frozen=True)
+class Box:
+    """An axis-aligned rectangle in the world's xy plane."""
+
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+
+    def gap(self, other: Box) -> float:
+        """Distance between the two rectangles along the axis that separates them best; negative
+        when they overlap (minus the depth of the shallower overlap)."""
+        return max(other.x0 - self.x1, self.x0 - other.x1, other.y0 - self.y1, self.y0 - other.y1)
+
+    def inset(self, inner: Box) -> float:
+        """How far this rectangle stays inside ``inner`` (negative: it sticks out)."""
+        return min(self.x0 - inner.x0, inner.x1 - self.x1, self.y0 - inner.y0, inner.y1 - self.y1)
+
+
+@dataclass(frozen=True)
 class Block:
     color: str
     pos: np.ndarray  # (3,) centre, world
@@ -55,6 +74,16 @@ class Block:
         """Half of the block's footprint along world x (it is turned by ``yaw``)."""
         c, s = abs(math.cos(self.yaw)), abs(math.sin(self.yaw))
         return 0.5 * (c * self.size[0] + s * self.size[1])
+
+    def half_extent_y(self) -> float:
+        c, s = abs(math.cos(self.yaw)), abs(math.sin(self.yaw))
+        return 0.5 * (s * self.size[0] + c * self.size[1])
+
+    def box(self, shift=(0.0, 0.0)) -> Box:
+        """The footprint's bounding box, moved by ``shift`` (dx, dy)."""
+        x, y = self.pos[0] + shift[0], self.pos[1] + shift[1]
+        hx, hy = self.half_extent_x(), self.half_extent_y()
+        return Box(x - hx, x + hx, y - hy, y + hy)
 
     @property
     def top(self) -> float:

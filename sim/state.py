@@ -106,4 +106,6 @@ class SymbolicState:
             raise ValueError(f"blocks must name exactly {BLOCK_COLORS}, got {sorted(self.blocks)}")
         for color, where in self.blocks.items():
             if where not in BLOCK_LOCATIONS:
-                raise ValueError(f"block {color!r} at unknown location {where!r}; expected one of {BLOCK_LOCATIONS}")
+                raise ValueError(
+                    f"block {color!r} at unknown location {where!r}; expected one of {BLOCK_LOCATIONS}"
+                )

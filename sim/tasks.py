@@ -158,11 +158,7 @@ def _lift(color: str, source: str) -> Check:
         b0, b1 = start.blocks[color], now.blocks[color]
         # As CALVIN: the robot may already touch the block at the start (e.g. right after a
         # push); only the source surface contact at the start and the robot alone at the end count.
-        return (
-            surface in b0.contacts
-            and b1.contacts == {"robot"}
-            and float(b1.pos[2] - b0.pos[2]) > min_z
-        )
+        return surface in b0.contacts and b1.contacts == {"robot"} and float(b1.pos[2] - b0.pos[2]) > min_z
 
     return check
 

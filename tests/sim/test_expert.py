@@ -14,11 +14,18 @@ from dreamrt.errors import UserError  # noqa: E402
 from dreamrt.policies.protocol import Policy  # noqa: E402
 from dreamrt.sim import protocol  # noqa: E402
 from dreamrt.sim.env import CalvinStyleEnv  # noqa: E402
-from dreamrt.sim.expert import ExpertNoise, ScriptedExpert, task_for_instruction  # noqa: E402
+from dreamrt.sim.expert import (  # noqa: E402
+    GRASP_CLEARANCE,
+    ExpertNoise,
+    ScriptedExpert,
+    drawer_blocks,
+    drawer_grasp,
+    task_for_instruction,
+)
 from dreamrt.sim.language import eval_instruction, train_instructions  # noqa: E402
 from dreamrt.sim.motion import Landmarks  # noqa: E402
 from dreamrt.sim.scene import LANDMARKS  # noqa: E402
-from dreamrt.sim.state import SymbolicState  # noqa: E402
+from dreamrt.sim.state import BLOCK_COLORS, SymbolicState  # noqa: E402
 from dreamrt.sim.tasks import CATEGORIES, category_of, check_success, task_names  # noqa: E402
 
 MAX_STEPS = 360
@@ -105,6 +112,63 @@ def test_a_chain_without_reset(env):
     for task in chain:
         ok, _, obs = _run(env, expert, task, obs)
         assert ok, f"chain failed at {task}"
+
+
+CROWDED_DRAWER = _state(drawer="open", red="drawer", blue="drawer", pink="drawer")
+
+
+def _motion_at(env, expert, obs):
+    m = expert._motion
+    m.obs = obs
+    return m
+
+
+@pytest.mark.parametrize("blocks", [("red", "pink"), ("red", "blue", "pink")])
+def test_drawer_blocks_leave_room_for_open_fingers(env, blocks):
+    # The open fingers stand 3 cm beside a block's sides; the reset must leave each drawer block
+    # a grasp the expert's geometry accepts (2 blocks: spread out; 3: staggered along y).
+    where = {
+        c: ("drawer" if c in blocks else "slider_right" if c == "blue" else "table") for c in BLOCK_COLORS
+    }
+    expert = ScriptedExpert("D")
+    for seed in range(5):
+        obs, _ = env.reset(seed=seed, options={"symbolic_state": _state(drawer="open", **where)})
+        m = _motion_at(env, expert, obs)
+        assert {b.color for b in drawer_blocks(m, exclude="")} == set(blocks)
+        for color in blocks:
+            _, clearance = drawer_grasp(m, m.block(color))
+            # drawer_grasp settles for a central grasp once the room is about GRASP_CLEARANCE
+            assert clearance > GRASP_CLEARANCE / 2, (seed, color, clearance)
+
+
+@pytest.mark.parametrize("color", BLOCK_COLORS)
+def test_lift_from_a_crowded_drawer(env, color):
+    task = f"lift_{color}_block_drawer"
+    assert protocol.precondition_holds(task, CROWDED_DRAWER)
+    expert = ScriptedExpert("D")
+    obs, _ = env.reset(
+        seed=7, options={"symbolic_state": CROWDED_DRAWER, "instruction": eval_instruction(task)}
+    )
+    expert.reset(7)
+    ok, _, _ = _run(env, expert, task, obs)
+    assert ok, task
+
+
+def test_place_beside_two_blocks_in_the_drawer_keeps_them_graspable(env):
+    # The held block goes where it has most room, above the others, and every block in the
+    # drawer can be lifted afterwards (the chain continues with lift_*_block_drawer).
+    state = _state(drawer="open", red="drawer", blue="drawer", pink="grasped")
+    expert = ScriptedExpert("D")
+    obs, _ = env.reset(
+        seed=2, options={"symbolic_state": state, "instruction": eval_instruction("place_in_drawer")}
+    )
+    expert.reset(2)
+    ok, _, obs = _run(env, expert, "place_in_drawer", obs)
+    assert ok
+    m = _motion_at(env, expert, obs)
+    assert {b.color for b in drawer_blocks(m, exclude="")} == {"red", "blue", "pink"}
+    ok, _, _ = _run(env, expert, "lift_blue_block_drawer", obs)
+    assert ok
 
 
 def test_instructions_map_to_tasks():
