@@ -118,6 +118,13 @@ COMMANDS: tuple[Command, ...] = (
         schema="dreamrt.training.distill:DistillConfig",
         job="dreamrt.training.distill:run",
     ),
+    Command(
+        name="bench network",
+        summary="One DP-T denoiser pass: dreamrt vs a reference-style nn.TransformerDecoder baseline, torch and onnxruntime, same run.",
+        config="bench_network",
+        schema="dreamrt.runtime.bench_network:BenchNetworkConfig",
+        job="dreamrt.runtime.bench_network:run",
+    ),
 )
 
 
