@@ -63,10 +63,10 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         name="demo",
-        summary="A one-minute demo: the expert on 5 evaluation chains, SR1..SR5 and a video.",
+        summary="The shipped policy on CALVIN-style chains under the real-time loop: SR1..SR5, latency table, video and latency plot (under 5 min).",
         config="demo",
-        schema="dreamrt.sim.demo:DemoConfig",
-        job="dreamrt.sim.demo:run",
+        schema="dreamrt.runtime.demo:DemoConfig",
+        job="dreamrt.runtime.demo:run",
     ),
     Command(
         name="train",
@@ -124,6 +124,20 @@ COMMANDS: tuple[Command, ...] = (
         config="bench_network",
         schema="dreamrt.runtime.bench_network:BenchNetworkConfig",
         job="dreamrt.runtime.bench_network:run",
+    ),
+    Command(
+        name="bench loop",
+        summary="The real-time loop for many ticks at 30 Hz, idle and with a CPU hog: deadline misses, tick jitter, inference latency.",
+        config="bench_loop",
+        schema="dreamrt.runtime.bench_loop:BenchLoopConfig",
+        job="dreamrt.runtime.bench_loop:run",
+    ),
+    Command(
+        name="bench chunking",
+        summary="Chunk strategies (sync/naive_async/temporal_ensemble/rtc) under injected inference delays: success and action jumps at chunk boundaries.",
+        config="bench_chunking",
+        schema="dreamrt.runtime.bench_chunking:BenchChunkingConfig",
+        job="dreamrt.runtime.bench_chunking:run",
     ),
 )
 

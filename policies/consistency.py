@@ -177,26 +177,22 @@ class ConsistencySampler(TimestepSampler):
         """Whether any step re-noises (every step but the last does)."""
         return self.num_steps > 1
 
-    def predict_x0(self, model_output: Tensor, t: int, x_t: Tensor) -> Tensor:
-        """f(x_t, t), clipped to the schedule's sample range (as the teacher's samplers clip x0)."""
+    def x0_estimate(self, model_output: Tensor, t: int, x_t: Tensor) -> Tensor:
+        """f(x_t, t): the parameterisation applied to the raw DP-T output (unclipped)."""
         self._step_index(t)
         p = self.parameterisation.to(x_t.device)
-        x0 = p(model_output, x_t, torch.tensor(int(t), device=x_t.device))
-        cfg = self.schedule.config
-        if cfg.clip_sample:
-            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-        return x0
+        return p(model_output, x_t, torch.tensor(int(t), device=x_t.device))
 
-    def step(
+    def step_from_x0(
         self,
-        model_output: Tensor,
+        x0: Tensor,
         t: int,
         x_t: Tensor,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Denoise at ``t`` to x0, then re-noise x0 to ``prev_timestep(t)`` (the clean x0 after the last step)."""
-        x0 = self.predict_x0(model_output, t, x_t)
+        """Re-noise the clipped x0 to ``prev_timestep(t)`` (return it clean after the last step)."""
+        x0 = self.clip(x0)
         t_next = self.prev_timestep(t)
         if t_next < 0:
             return x0

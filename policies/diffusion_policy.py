@@ -412,6 +412,59 @@ class DiffusionPolicy(nn.Module):
         finally:
             self.train(was_training)
 
+    def predict_actions_guided(
+        self,
+        obs: Mapping[str, Any],
+        prefix: Tensor,
+        weights: Tensor,
+        generator: torch.Generator | None = None,
+        max_guidance: float = 5.0,
+    ) -> Tensor:
+        """``predict_actions`` inpainting towards ``prefix`` (H, A), normalised, with soft mask ``weights`` (H,)."""
+        from dreamrt.policies.guidance import guided_sample
+
+        was_training = self.training
+        self.eval()
+        try:
+            # Outside inference mode: autograd must be able to save what the denoiser closes over.
+            with torch.no_grad():
+                features = self.encode_observations(obs)  # (B, To, O)
+            shape = (features.shape[0], self.config.horizon, self.config.action_dim)
+            x_T = torch.randn(shape, generator=generator, device=self.device, dtype=features.dtype)
+
+            def denoise(x: Tensor, t: int) -> Tensor:
+                return self.model(x, torch.tensor(t, device=x.device), features)
+
+            x0 = guided_sample(
+                denoise, self.sampler, x_T, prefix, weights, max_guidance=max_guidance, generator=generator
+            )
+            return self.norms[_module_key(self.config.action_key)].unnormalize(x0.detach())
+        finally:
+            self.train(was_training)
+
+    def _guidance_in_horizon(
+        self, prefix_actions: np.ndarray, weights: np.ndarray, first: int
+    ) -> tuple[Tensor, Tensor]:
+        """A chunk-indexed prefix (K, A) in action units and weights (K,) -> normalised (H, A) and (H,)."""
+        c = self.config
+        prefix_actions = np.asarray(prefix_actions, dtype=np.float32)
+        weights = np.asarray(weights, dtype=np.float32)
+        k = len(weights)
+        if prefix_actions.shape != (k, c.action_dim) or k > c.horizon - first:
+            raise UserError(
+                f"act_guided got prefix_actions {prefix_actions.shape} and weights {weights.shape}; expected "
+                f"(K, {c.action_dim}) and (K,) with K <= {c.horizon - first} (the chunk's length)."
+            )
+        if not (np.all(np.isfinite(prefix_actions)) and np.all((weights >= 0) & (weights <= 1))):
+            raise UserError("act_guided needs finite prefix_actions and weights in [0, 1].")
+        norm = self.norms[_module_key(c.action_key)]
+        prefix = torch.zeros(c.horizon, c.action_dim, device=self.device)
+        w = torch.zeros(c.horizon, device=self.device)
+        with torch.no_grad():
+            prefix[first : first + k] = norm.normalize(torch.from_numpy(prefix_actions).to(self.device))
+        w[first : first + k] = torch.from_numpy(weights).to(self.device)
+        return prefix, w
+
     def reset(self, seed: int | None = None) -> None:
         """Clear the observation history; ``seed`` restarts the sampling noise (None: keep its stream)."""
         self._history.clear()
@@ -447,6 +500,23 @@ class DiffusionPolicy(nn.Module):
 
     def act(self, observation: Observation) -> ActionChunk:
         """Record ``observation`` as the current step and return the next Ta actions (see the module docstring)."""
+        return self._act(observation, None)
+
+    def act_guided(
+        self, observation: Observation, prefix_actions: np.ndarray, weights: np.ndarray
+    ) -> ActionChunk:
+        """``act`` with real-time chunking's guided inpainting towards ``prefix_actions``.
+
+        ``prefix_actions`` (K, A) in action units and ``weights`` (K,) in [0, 1] index the chunk
+        ``act`` returns (K <= Ta; the rest is free). They are placed at the chunk's offset in the
+        full prediction horizon (weight 0 on the To - 1 steps before it and past it) and the
+        sampler runs under :func:`dreamrt.policies.guidance.guided_sample`. Guidance needs the
+        denoiser's gradient, so it always runs the torch network, without a BAC cache or ONNX
+        Runtime. All-zero weights cost nothing extra.
+        """
+        return self._act(observation, (prefix_actions, weights))
+
+    def _act(self, observation: Observation, guidance: tuple[np.ndarray, np.ndarray] | None) -> ActionChunk:
         c = self.config
         start = time.perf_counter()
         frame = self._push(observation)
@@ -462,8 +532,12 @@ class DiffusionPolicy(nn.Module):
             obs[TASK_EMBEDDING_KEY] = self.embed_instructions([observation[TASK_KEY]])
         if self._generator.device != self.device:
             self.reset(None)
-        actions = self.predict_actions(obs, generator=self._generator)[0]  # (H, A)
         first = c.n_obs_steps - 1
+        if guidance is not None and np.any(np.asarray(guidance[1]) != 0):
+            prefix, weights = self._guidance_in_horizon(*guidance, first)
+            actions = self.predict_actions_guided(obs, prefix, weights, generator=self._generator)[0]
+        else:
+            actions = self.predict_actions(obs, generator=self._generator)[0]  # (H, A)
         chunk = actions[first : first + c.n_action_steps].float().cpu().numpy()  # (Ta, A)
         info = {
             "sampler": self.sampler_config.name

@@ -111,14 +111,15 @@ def make_policy(
 def load_policy(
     path: str, cfg: PolicyConfig | None = None, *, bac_schedule: BACSchedule | None = None
 ) -> Policy:
-    """Load the checkpoint at ``path`` with ``cfg``'s runtime options (None: as saved).
+    """Load the checkpoint at ``path`` (a directory, or ``shipped:<name>``) with ``cfg``'s runtime options (None: as saved).
 
     ``bac_schedule`` replaces the checkpoint's ``bac_schedule.json`` for ``cache=bac`` (e.g.
     one calibrated on the fly); it is checked against the model and the sampler all the same.
     """
+    from dreamrt.policies.shipped import resolve_policy_path
     from dreamrt.training.checkpoint import read_meta, resolve_checkpoint
 
-    checkpoint_dir = resolve_checkpoint(path)
+    checkpoint_dir = resolve_checkpoint(resolve_policy_path(path))
     kind = read_meta(checkpoint_dir).kind
     cfg = cfg if cfg is not None else PolicyConfig(path=str(path))
     # Match on the kind string so that choosing a built-in policy never imports torch.

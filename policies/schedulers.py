@@ -173,6 +173,34 @@ class TimestepSampler:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
+    def x0_estimate(self, model_output: Tensor, t: int, x_t: Tensor) -> Tensor:
+        """The clean-sample estimate from the denoiser's output at ``t``, unclipped and differentiable
+        (RTC's guidance back-propagates through it)."""
+        raise NotImplementedError
+
+    def step_from_x0(
+        self,
+        x0: Tensor,
+        t: int,
+        x_t: Tensor,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """One reverse step from ``t`` to ``prev_timestep(t)`` given a clean estimate (clipped here).
+
+        ``noise`` (same shape as x_t) is used when the step is stochastic; when it is None,
+        fresh noise is drawn from ``generator``.
+        """
+        raise NotImplementedError
+
+    def clip(self, x0: Tensor) -> Tensor:
+        cfg = self.schedule.config
+        return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range) if cfg.clip_sample else x0
+
+    def predict_x0(self, model_output: Tensor, t: int, x_t: Tensor) -> Tensor:
+        """The (clipped) clean-sample estimate from the model output at timestep ``t``."""
+        return self.clip(self.x0_estimate(model_output, t, x_t))
+
     def step(
         self,
         model_output: Tensor,
@@ -181,7 +209,8 @@ class TimestepSampler:
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        raise NotImplementedError
+        """One reverse step from timestep ``t`` (one of ``timesteps``) to ``prev_timestep(t)``."""
+        return self.step_from_x0(self.x0_estimate(model_output, t, x_t), t, x_t, noise, generator)
 
     def sample(
         self,
@@ -238,36 +267,22 @@ class Sampler(TimestepSampler):
         """Whether any step adds fresh noise (and so reads ``noise`` or the generator)."""
         return any(s > 0 for s in self.sigma)
 
-    def predict_x0(self, model_output: Tensor, t: int, x_t: Tensor) -> Tensor:
-        """The (clipped) clean-sample estimate from the model output at timestep ``t``."""
-        return self._predict_x0(model_output, self._step_index(t), x_t)
+    def x0_estimate(self, model_output: Tensor, t: int, x_t: Tensor) -> Tensor:
+        if self.schedule.config.prediction_type == "epsilon":
+            i = self._step_index(t)
+            return (x_t - self._sqrt_one_minus_ab[i] * model_output) * self._inv_sqrt_ab[i]
+        return model_output
 
-    def _predict_x0(self, model_output: Tensor, i: int, x_t: Tensor) -> Tensor:
-        cfg = self.schedule.config
-        if cfg.prediction_type == "epsilon":
-            x0 = (x_t - self._sqrt_one_minus_ab[i] * model_output) * self._inv_sqrt_ab[i]
-        else:
-            x0 = model_output
-        if cfg.clip_sample:
-            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-        return x0
-
-    def step(
+    def step_from_x0(
         self,
-        model_output: Tensor,
+        x0: Tensor,
         t: int,
         x_t: Tensor,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """One reverse step from timestep ``t`` (one of ``timesteps``) to ``prev_timestep(t)``.
-
-        ``noise`` (same shape as x_t) is used when the step is stochastic; when it is None,
-        fresh noise is drawn from ``generator``.
-        """
         i = self._step_index(t)
-        x0 = self._predict_x0(model_output, i, x_t)
-        x_prev = self.c_x0[i] * x0 + self.c_xt[i] * x_t
+        x_prev = self.c_x0[i] * self.clip(x0) + self.c_xt[i] * x_t
         if self.sigma[i] > 0:
             if noise is None:
                 noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)

@@ -27,7 +27,7 @@ action or ``s = execute_steps`` steps have run since the newest chunk's effectiv
   previous schedule's values (those steps are executed before it arrives). A policy that
   implements :class:`GuidedPolicy` also gets the previous schedule as ``prefix_actions`` and
   the soft mask W (:func:`soft_mask`) to inpaint the new chunk towards it while sampling
-  (:mod:`dreamrt.runtime.rtc`); others are merged with the hard freeze alone.
+  (:mod:`dreamrt.policies.guidance`); others are merged with the hard freeze alone.
 
 The delay d used for a request is ``ceil(latency / dt)`` at the configured percentile of the
 recent latencies (warm-up inferences excluded: a first call compiling kernels would inflate
@@ -167,7 +167,7 @@ class GuidedPolicy(Protocol):
     ``prefix_actions`` (H, A) are in the policy's output units and index the chunk ``act``
     would return; ``weights`` (H,) in [0, 1] say how strongly each index should match
     (the soft mask W; 0 = free). A diffusion or consistency policy normalises the prefix as
-    its actions and calls :func:`dreamrt.runtime.rtc.guided_sample` instead of its
+    its actions and calls :func:`dreamrt.policies.guidance.guided_sample` instead of its
     sampler's ``sample``; it embeds the weights into its full prediction horizon itself
     (e.g. zeros for the To - 1 steps before the executed part).
     """

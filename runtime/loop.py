@@ -10,7 +10,10 @@ not push the later ones back, so the loop never drifts). Each tick:
    the action queue (:class:`~dreamrt.runtime.chunking.ChunkScheduler`);
 3. if the scheduler wants a new chunk and the worker is free, submit the observation.
    Inference runs on a worker thread (:mod:`dreamrt.runtime.inference`) and never blocks
-   the tick, except in the ``sync`` strategy, which waits for it (the baseline);
+   the tick, except in the ``sync`` strategy, which waits for it (the baseline). A policy
+   with an observation history (``spec.n_obs_steps > 1`` and an ``observe`` method) also
+   gets the observations of the ticks in between, so its history holds consecutive steps as
+   in training (see :class:`_HistoryFeed`);
 4. safety (:mod:`dreamrt.runtime.safety`): a stale or broken observation, a failed
    inference, an empty queue, or a non-finite or out-of-bounds action makes the tick call
    ``robot.hold()``; otherwise ``robot.command(action)``;
@@ -34,6 +37,7 @@ import math
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -177,10 +181,13 @@ def run_loop(
     True ends the loop. Ctrl-C ends it too, holding the robot (``report.interrupted``).
     """
     clock = resolve_clock(config, robot, clock)
-    loop = _Loop(robot, policy, config, clock, recorder, on_tick)
+    feed = _HistoryFeed.wrap(policy)
+    loop = _Loop(robot, policy, config, clock, recorder, on_tick, feed)
     virtual = isinstance(clock, VirtualClock)
     worker_priority = None if config.realtime_priority is None else config.realtime_priority - 1
-    worker = make_worker(policy, clock, policy.spec.action_dim, config.virtual_latency_s, worker_priority)
+    worker = make_worker(
+        feed or policy, clock, policy.spec.action_dim, config.virtual_latency_s, worker_priority
+    )
     # The worker thread starts first: it sets its own priority rather than inheriting the loop's.
     with (
         worker,
@@ -193,10 +200,61 @@ def run_loop(
     return loop.report(realtime)
 
 
+class _HistoryFeed:
+    """The policy as the worker calls it, for policies with an observation history (To > 1).
+
+    The loop asks for a chunk only every few steps, but a policy like DP-T stacks its last
+    To observations and was trained on consecutive control steps. The loop notes each usable
+    observation it does not submit (:meth:`note`, loop thread, the newest To - 1 kept) and
+    hands them over with the next request (:meth:`hand_over`, just before ``submit``); the
+    worker passes them to ``policy.observe`` before ``act``. Every policy call thus stays
+    on the worker's thread, in step order, and the loop never touches the policy while an
+    inference runs (the handed-over list is not written again until the result was taken).
+    """
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.spec = policy.spec
+        self._backlog: deque = deque(maxlen=policy.spec.n_obs_steps - 1)
+        self._handed: list = []
+        if callable(getattr(policy, "act_guided", None)):
+            self.act_guided = self._act_guided  # only then is it a GuidedPolicy to call_policy
+
+    @classmethod
+    def wrap(cls, policy: Policy) -> _HistoryFeed | None:
+        """A feed for ``policy``, or None when it keeps no history (To = 1 or no ``observe``)."""
+        if policy.spec.n_obs_steps > 1 and callable(getattr(policy, "observe", None)):
+            return cls(policy)
+        return None
+
+    def note(self, observation) -> None:
+        self._backlog.append(observation)
+
+    def hand_over(self) -> None:
+        self._handed = list(self._backlog)
+        self._backlog.clear()
+
+    def _catch_up(self) -> None:
+        handed, self._handed = self._handed, []
+        for observation in handed:
+            self.policy.observe(observation)
+
+    def reset(self, seed: int | None = None) -> None:
+        self.policy.reset(seed)
+
+    def act(self, observation):
+        self._catch_up()
+        return self.policy.act(observation)
+
+    def _act_guided(self, observation, prefix_actions, weights):
+        self._catch_up()
+        return self.policy.act_guided(observation, prefix_actions, weights)
+
+
 class _Loop:
     """One run: the schedule, the action queue, the counters and the per-tick records."""
 
-    def __init__(self, robot, policy, config: LoopConfig, clock: Clock, recorder, on_tick):
+    def __init__(self, robot, policy, config: LoopConfig, clock: Clock, recorder, on_tick, feed=None):
         spec = policy.spec
         if abs(spec.rate_hz - config.rate_hz) > 1e-6:
             log.warning(
@@ -210,6 +268,7 @@ class _Loop:
             )
         self.robot, self.config, self.clock = robot, config, clock
         self.recorder, self.on_tick = recorder, on_tick
+        self.feed: _HistoryFeed | None = feed
         self.dt = config.dt
         self.max_age = config.safety.max_obs_age_s
         self.sched = ChunkScheduler(config.scheduler, spec.horizon, spec.action_dim, self.dt)
@@ -271,6 +330,8 @@ class _Loop:
             ticket = sched.request(self.step)
             if ticket.guidance is not None:
                 self.delays.append(ticket.delay)
+            if self.feed is not None:
+                self.feed.hand_over()
             worker.submit(obs, ticket)
             if sched.blocking:  # sync: wait; the periods the wait covers are missed
                 result = worker.wait()
@@ -285,6 +346,8 @@ class _Loop:
                     obs = self.robot.observe()  # the robot stood still meanwhile; record it as it is now
                     obs_reason = check_observation(obs, clock.now(), self.max_age)
                 self._take(result)
+        elif obs_reason is None and self.feed is not None:
+            self.feed.note(obs)  # the policy's history gets this step with the next request
         obs_age_ms = _age_ms(obs, clock.now())
 
         action = sched.action_for(self.step)

@@ -105,6 +105,16 @@ class ChainEnv(gym.Env):
     def spec_running(self) -> EpisodeSpec | None:
         return self._spec
 
+    # What a robot driver needs from the scene beneath (dreamrt.runtime.robot.MujocoRobot.hold):
+    @property
+    def config(self) -> EnvConfig:
+        return self.env.config
+
+    @property
+    def target_pose(self) -> tuple[np.ndarray, np.ndarray]:
+        """The Cartesian target the arm's IK is tracking: (pos (3,), euler (3,))."""
+        return self.env.target_pose
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         # The vector env's seed is ignored: the episode carries its own, so that a chain does
         # not depend on the worker that runs it.

@@ -271,3 +271,27 @@ def test_unknown_instruction_goes_through_the_sentence_encoder(tmp_path):
     assert loaded.encoder.sentence_encoder.model_loaded
     loaded.reset(0)
     assert loaded.act(obs(0, "move to the left side")).actions.shape == (TA, 2)
+
+
+@pytest.mark.parametrize(
+    "sampler", [SamplerConfig(name="ddim", num_steps=5), SamplerConfig(name="ddpm", num_steps=10)]
+)
+def test_act_guided_inpaints_towards_the_prefix_and_is_act_without_weights(sampler):
+    policy = make_policy(sampler=sampler)
+    policy.reset(11)
+    free = policy.act(obs(0)).actions  # (TA, 2)
+    policy.reset(11)
+    same = policy.act_guided(obs(0), np.zeros((TA, 2), np.float32), np.zeros(TA, np.float32)).actions
+    np.testing.assert_array_equal(same, free)  # zero weights: the unguided sampler, same noise
+
+    target = np.array([[1.5, 2.5]] * TA, np.float32)  # inside the action range, far from `free`
+    weights = np.array([1.0, 1.0, 0.0], np.float32)  # freeze two actions, leave the last free
+    policy.reset(11)
+    guided = policy.act_guided(obs(0), target, weights).actions
+    far = np.abs(free[:2] - target[:2]).mean()
+    near = np.abs(guided[:2] - target[:2]).mean()
+    assert near < 0.5 * far, (near, far)
+    with pytest.raises(UserError, match="act_guided"):
+        policy.act_guided(obs(0), np.zeros((TA + H, 2), np.float32), np.ones(TA + H, np.float32))
+    with pytest.raises(UserError, match="act_guided"):
+        policy.act_guided(obs(0), target, np.array([2.0, 0.0, 0.0], np.float32))

@@ -8,7 +8,7 @@
 - :class:`TinyDPTPolicy`: a real DP-T (``dpt.preset("tiny")``, random seeded weights) with a
   real DDIM sampler over ``observation.state`` history: the slow policy of the timing tests
   (many sampler steps take several 33 ms ticks), and a :class:`GuidedPolicy` through
-  :func:`dreamrt.runtime.rtc.guided_sample`. Built warm (one call of each path).
+  :func:`dreamrt.policies.guidance.guided_sample`. Built warm (one call of each path).
 
 The clock and the recording robot the tests use are the library's own
 (:class:`~dreamrt.runtime.clock.VirtualClock`, :class:`~dreamrt.runtime.robot.RecordingRobot`).
@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from dreamrt.policies.dpt import DPT, preset
+from dreamrt.policies.guidance import guided_sample
 from dreamrt.policies.protocol import ActionChunk, PolicySpec
 from dreamrt.policies.schedulers import DDIMSampler, NoiseSchedule, NoiseScheduleConfig
-from dreamrt.runtime.rtc import guided_sample
 
 
 class CountingPolicy:

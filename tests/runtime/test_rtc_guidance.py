@@ -9,9 +9,9 @@ from fakes import one_torch_thread  # noqa: F401 (a fixture)
 
 from dreamrt.errors import UserError
 from dreamrt.policies.dpt import DPT, preset
+from dreamrt.policies.guidance import guided_sample
 from dreamrt.policies.schedulers import DDIMSampler, DDPMSampler, NoiseSchedule, NoiseScheduleConfig
 from dreamrt.runtime.chunking import soft_mask
-from dreamrt.runtime.rtc import guided_sample
 
 H, A = 8, 2
 

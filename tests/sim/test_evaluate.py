@@ -196,9 +196,8 @@ def test_eval_cli_help_and_user_errors(capsys):
     assert "randm" in err and "random" in err and "expert" in err
     assert main(["eval", "num_chains=abc"]) == 2
     assert "num_chains" in capsys.readouterr().err
-    for command in (["record", "--help"], ["demo", "--help"], ["bench", "sim", "--help"]):
+    for command in (["record", "--help"], ["bench", "sim", "--help"]):
         assert main(command) == 0
-    assert "num_chains: 5" in capsys.readouterr().out  # the demo's defaults
 
 
 def test_task_mode_runs_every_task_from_states_that_allow_it_and_the_expert_solves_them(tmp_path):

@@ -38,12 +38,12 @@ import torch
 from torch import Tensor
 
 from dreamrt.errors import UserError
-from dreamrt.policies.schedulers import Denoiser, Sampler
+from dreamrt.policies.schedulers import Denoiser, TimestepSampler
 
 
 def guided_sample(
     denoise: Denoiser,
-    sampler: Sampler,
+    sampler: TimestepSampler,
     x_T: Tensor,
     prefix: Tensor,
     weights: Tensor,
@@ -78,22 +78,18 @@ def guided_sample(
         raise UserError(f"guided_sample got {len(noise)} step noises for {sampler.num_steps} sampler steps.")
     if not torch.any(w != 0):
         return sampler.sample(denoise, x_T, noise=noise, generator=generator)
-    epsilon = sampler.schedule.config.prediction_type == "epsilon"
-
     x = x_T
     for i, t in enumerate(sampler.timesteps):
         ab = sampler.schedule.alpha_bar(t)
         a, s = math.sqrt(ab), math.sqrt(1.0 - ab)
         with torch.inference_mode(False), torch.enable_grad():
             x_in = x.detach().clone().requires_grad_(True)
-            out = denoise(x_in, t)
             # The unclipped clean estimate: clipping would zero the gradient where it bites.
-            x0 = (x_in - s * out) / a if epsilon else out
+            x0 = sampler.x0_estimate(denoise(x_in, t), t, x_in)
             error = w * (prefix - x0.detach())  # (B, H, A)
             (vjp,) = torch.autograd.grad(x0, x_in, grad_outputs=error)
         weight = min(max_guidance, 1.0 / max(a * s, 1e-12))
         x0_guided = x0.detach() + s * weight * vjp
-        guided_out = (x - a * x0_guided) / s if epsilon else x0_guided
         step_noise = None if noise is None else noise[i]
-        x = sampler.step(guided_out.detach(), t, x, step_noise, generator)
+        x = sampler.step_from_x0(x0_guided, t, x, step_noise, generator)
     return x
