@@ -11,7 +11,10 @@ first imported); when it is unset, EGL is used, which works headless.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 
 import mujoco
@@ -46,7 +49,24 @@ class CameraImages:
     segmentation: np.ndarray | None  # (H, W, 1) int32 body id, -1 where no geom is seen
 
 
+def _load_triton_before_gl() -> None:
+    """Load Triton's native library now if it is installed, before any GL context exists.
+
+    Mesa's software renderer (EGL / OSMesa) loads its own LLVM; Triton's ``libtriton`` carries
+    another, and loading it after Mesa's crashes the process (a segfault inside the import,
+    reached e.g. when torch's optimizer first imports ``torch._dynamo`` in a process that has
+    already rendered). In the other order both work. It costs ~0.2 s once and never imports torch.
+    """
+    if "triton" in sys.modules or importlib.util.find_spec("triton") is None:
+        return
+    try:
+        importlib.import_module("triton")
+    except Exception:  # a broken Triton install must not stop rendering; torch reports it later
+        pass
+
+
 def _gl_context(width: int, height: int):
+    _load_triton_before_gl()
     backend = os.environ.get("MUJOCO_GL", "").strip().lower()
     if backend:
         from mujoco import gl_context

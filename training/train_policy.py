@@ -104,10 +104,37 @@ class PolicyModelConfig:
 
 
 @dataclass
+class RolloutEvalConfig:
+    """Simulated rollouts every ``trainer.eval_every`` steps, logged as ``eval/success``.
+
+    The episodes are ``dreamrt eval mode=tasks``'s: for each task, start states the CALVIN
+    protocol can reach where the task can be done, the evaluation instruction, fixed seeds, so
+    every evaluation during a run sees the same episodes. They run in the training process
+    (the trainer already holds the cores), on the EMA weights with the model's own sampler.
+    """
+
+    episodes_per_task: int = 1
+    tasks: list[str] | None = None  # None: all 34 (dreamrt.sim.tasks.task_names())
+    seed: int = 0
+    max_steps_per_subtask: int = 360
+
+    def __post_init__(self) -> None:
+        from dreamrt.sim.tasks import get_task
+
+        if not isinstance(self.episodes_per_task, int) or self.episodes_per_task < 1:
+            raise UserError(f"eval.episodes_per_task={self.episodes_per_task!r}; expected an int >= 1.")
+        if self.max_steps_per_subtask < 1:
+            raise UserError(f"eval.max_steps_per_subtask={self.max_steps_per_subtask!r}; expected >= 1.")
+        for task in self.tasks or []:
+            get_task(task)  # a UserError with "did you mean" for a misspelt task
+
+
+@dataclass
 class TrainConfig:
     dataset: DataConfig = field(default_factory=DataConfig)
     policy_model: PolicyModelConfig = field(default_factory=PolicyModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: RolloutEvalConfig = field(default_factory=RolloutEvalConfig)  # used when trainer.eval_every > 0
     resume: str | None = None  # a run directory (its newest checkpoint) or a checkpoint to continue from
 
 
@@ -221,10 +248,32 @@ def train(
     )
 
 
+def rollout_evaluator(cfg: RolloutEvalConfig) -> Callable[[Any], dict[str, float]]:
+    """``evaluate(policy) -> {"success": ..., "episodes": ...}`` over the fixed single-task episodes of ``cfg``."""
+    from dreamrt.sim.env import EnvConfig
+    from dreamrt.sim.evaluate import resolve_env_config, task_specs
+    from dreamrt.sim.rollout import run_episodes
+
+    specs = task_specs(cfg.episodes_per_task, cfg.seed, films=0)
+    if cfg.tasks:
+        specs = [s for s in specs if s.tasks[0] in cfg.tasks]
+
+    def evaluate(policy: Any) -> dict[str, float]:
+        env_cfg = resolve_env_config(EnvConfig(), None, policy)
+        outcomes = run_episodes(
+            specs, [policy], env_cfg, num_workers=0, max_steps_per_subtask=cfg.max_steps_per_subtask
+        )
+        success = sum(o.num_success == len(o.spec.tasks) for o in outcomes) / len(outcomes)
+        return {"success": float(success), "episodes": float(len(outcomes))}
+
+    return evaluate
+
+
 def run(cfg: TrainConfig, out_dir: Path | None) -> JobResult:
     if out_dir is None:
         raise UserError("`dreamrt train` needs an output directory for checkpoints and logs (--out DIR).")
-    result = train(cfg, out_dir)
+    evaluate = rollout_evaluator(cfg.eval) if cfg.trainer.eval_every > 0 else None
+    result = train(cfg, out_dir, evaluate=evaluate)
     summary = {
         "run_dir": str(out_dir),
         "steps": result.step,

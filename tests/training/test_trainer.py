@@ -11,6 +11,7 @@ from toy_reaching import closed_loop, make_store, toy_config
 
 from dreamrt.errors import UserError
 from dreamrt.policies.diffusion_policy import POLICY_KIND, load_diffusion_policy
+from dreamrt.policies.encoders import ObsEncoderConfig
 from dreamrt.training.checkpoint import latest_checkpoint, load_checkpoint, load_training_state
 from dreamrt.training.ema import EMA, EMAConfig, ema_decay
 from dreamrt.training.train_policy import TrainConfig, run, train
@@ -272,3 +273,35 @@ def test_cli_composes_train_yaml_and_runs(state_store, tmp_path, monkeypatch):
     cfg = load_checkpoint(tmp_path / "run").config
     assert cfg["model"]["n_layer"] == 2 and cfg["model"]["horizon"] == 8 and cfg["n_action_steps"] == 4
     assert main(["train", str(state_store), "trainer.stpes=3"]) == 2  # a misspelt key is a user error
+
+
+def test_train_logs_simulated_rollout_success_every_eval_every_steps(tmp_path):
+    """`dreamrt train` with trainer.eval_every rolls the EMA policy out in the CALVIN-style sim."""
+    from dreamrt.sim.record import RecordConfig
+    from dreamrt.sim.record import run as record
+    from dreamrt.training.train_policy import RolloutEvalConfig
+
+    store = tmp_path / "led.zarr"
+    record(
+        RecordConfig(
+            out=str(store), episodes=2, tasks=["turn_on_led"], num_workers=0, progress=False, seed=0
+        ),
+        tmp_path / "record",
+    )
+    cfg = toy_config(store, language=True, steps=4, eval_every=2, val_every=0, save_every=0)
+    cfg.policy_model.encoder = ObsEncoderConfig(
+        lowdim_keys=["observation.state", "observation.environment_state"],
+        lowdim_dims=[15, 24],
+        use_language=True,
+        language_dim=16,
+    )
+    cfg.policy_model.action_mode = "rel_cartesian"
+    cfg.eval = RolloutEvalConfig(tasks=["turn_on_led", "open_drawer"], max_steps_per_subtask=12)
+    result = run(cfg, tmp_path / "run")
+    assert result.exit_code == 0
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if r.get("eval/success")]
+    assert [r["step"] for r in rows] == ["2", "4"]
+    for r in rows:
+        assert 0.0 <= float(r["eval/success"]) <= 1.0 and float(r["eval/episodes"]) == 2.0
+    with pytest.raises(UserError, match="open_drawr"):
+        RolloutEvalConfig(tasks=["open_drawr"])
