@@ -139,6 +139,28 @@ COMMANDS: tuple[Command, ...] = (
         schema="dreamrt.runtime.bench_chunking:BenchChunkingConfig",
         job="dreamrt.runtime.bench_chunking:run",
     ),
+    Command(
+        name="train world-model",
+        summary="Train the world model's frame tokenizer and next-frame dynamics on an episode store (stage=both|tokenizer|dynamics).",
+        config="train_world_model",
+        schema="dreamrt.world_models.train:TrainWorldModelConfig",
+        job="dreamrt.world_models.train:run",
+        positional=("store",),
+    ),
+    Command(
+        name="bench world-model",
+        summary="World-model frames/s per sampler, steps, KV cache and speculation, with PSNR/SSIM at horizons 1/4/16 vs repeating the last frame.",
+        config="bench_world_model",
+        schema="dreamrt.world_models.bench:BenchWorldModelConfig",
+        job="dreamrt.world_models.bench:run",
+    ),
+    Command(
+        name="compare world-model",
+        summary="Replay expert actions through MuJoCo and the world model: PSNR/SSIM per horizon and a comparison image.",
+        config="compare_world_model",
+        schema="dreamrt.world_models.compare:CompareWorldModelConfig",
+        job="dreamrt.world_models.compare:run",
+    ),
 )
 
 

@@ -1,6 +1,16 @@
-"""`dreamrt bench world-model`: latency per generated frame at batch 1, and FLOPs per frame.
+"""`dreamrt bench world-model`: speed and quality of the world model, one row per configuration.
 
-For each sampler step count, a randomly initialised model (latency does not depend on the
+With trained checkpoints (``tokenizer=RUN dynamics=RUN store=STORE``) every row of
+``configs`` (a sampler, its step count, KV cache on/off, speculative frames) is timed at
+batch 1 on a recorded action stream of a held-out episode, decoding every frame, and its
+quality is measured open loop on held-out clips (PSNR/SSIM at ``horizons`` against the real
+frames, see :mod:`dreamrt.world_models.quality`); a ``repeat_last_frame`` row gives the
+baseline and the summary the tokenizer's reconstruction PSNR. Held-out episodes are the ones
+the dynamics run held out (its summary.json lists them). Rows carry ``sampler``, ``steps``,
+``kv_cache``, ``speculative``, ``fps``, FLOPs per frame and the fraction of the measured
+matmul peak that generation reaches (``reference_gflops``: a typical linear layer here).
+
+Without checkpoints (latency only, random weights): for each sampler step count, a randomly initialised model (latency does not depend on the
 weights) is prefilled with a full window of context and then generates ``frames`` frames
 with :class:`~dreamrt.world_models.sampling.Rollout` (cached, eager torch); the tokenizer's
 decoder turns each into pixels. Reported per setting: median and p90 milliseconds per frame
@@ -26,7 +36,52 @@ from dreamrt.jobs import JobResult
 
 
 @dataclass
+class BenchRowConfig:
+    """One configuration to time (and, with a trained model, to evaluate)."""
+
+    name: str = "teacher"  # a label for the row ("teacher", "few-step", ...)
+    solver: str = "euler"  # FrameSamplerConfig.solver
+    steps: int = 8
+    kv_cache: bool = True  # False: recompute the whole window for every denoising step
+    speculate: int = 0  # > 0: speculate this many frames per parallel pass on the recorded stream
+
+    def __post_init__(self) -> None:
+        from dreamrt.world_models.sampling import FrameSamplerConfig
+
+        FrameSamplerConfig(solver=self.solver, steps=self.steps)  # validates both
+        if self.speculate < 0 or (self.speculate and not self.kv_cache):
+            raise UserError(
+                f"bench row '{self.name}': speculate must be >= 0 and needs kv_cache=true, got speculate="
+                f"{self.speculate}, kv_cache={self.kv_cache}."
+            )
+
+
+def _default_rows() -> list[BenchRowConfig]:
+    return [
+        BenchRowConfig("teacher", "euler", 8, kv_cache=False),
+        BenchRowConfig("teacher", "euler", 8),
+        BenchRowConfig("teacher", "euler", 4),
+        BenchRowConfig("few-step (teacher weights)", "x0", 2),
+        BenchRowConfig("few-step (teacher weights)", "x0", 1),
+        BenchRowConfig("few-step (teacher weights)", "x0", 1, speculate=4),
+    ]
+
+
+@dataclass
 class BenchWorldModelConfig:
+    # Trained checkpoints (run directories or checkpoints); empty: latency of random weights only.
+    tokenizer: str = ""
+    dynamics: str = ""
+    store: str = ""  # the episode store the dynamics model was trained on (held-out episodes from it)
+    configs: list[BenchRowConfig] = field(default_factory=_default_rows)
+    horizons: list[int] = field(default_factory=lambda: [1, 4, 16])
+    clips_per_episode: int = 8  # held-out clips per held-out episode for the quality figures
+    max_clips: int = 64
+    context: int = 0  # real frames before generation; 0: window - 1
+    context_noise: float = 0.0  # FrameSamplerConfig.context_noise of every row
+    tolerance: float = 0.05  # speculation: max abs difference of normalised actions still "the same"
+    val_episodes: list[int] | None = None  # held-out episodes; null: the dynamics run's (summary.json)
+    # Latency-only mode (no checkpoints):
     preset: str = "small"  # dynamics size preset (dreamrt.world_models.dynamics.PRESETS)
     tokenizer_preset: str = "small"
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # sampler steps to measure
@@ -51,6 +106,18 @@ class BenchWorldModelConfig:
                 f"bench needs steps >= 1 each, frames >= 1 and warmup >= 0; got steps={self.steps}, "
                 f"frames={self.frames}, warmup={self.warmup}."
             )
+        if bool(self.tokenizer) != bool(self.dynamics) or (self.dynamics and not self.store):
+            raise UserError(
+                f"bench world-model measures a trained model with tokenizer=RUN dynamics=RUN store=STORE (all "
+                f"three), or random weights with none; got tokenizer={self.tokenizer!r}, "
+                f"dynamics={self.dynamics!r}, store={self.store!r}."
+            )
+        if not self.horizons or any(h < 1 for h in self.horizons) or self.context < 0:
+            raise UserError(
+                f"horizons must be a non-empty list of positive ints and context >= 0, got {self.horizons}, "
+                f"{self.context}."
+            )
+        self.configs = [BenchRowConfig(**c) if isinstance(c, dict) else c for c in self.configs]
 
 
 def frame_flops(config, steps: int, kv_write: str) -> int:
@@ -64,6 +131,8 @@ def frame_flops(config, steps: int, kv_write: str) -> int:
 
 
 def run(cfg: BenchWorldModelConfig, out_dir: Path | None = None) -> JobResult:
+    if cfg.dynamics:
+        return run_trained(cfg, out_dir)
     import torch
 
     from dreamrt.world_models.dynamics import NextFrameDiT, preset
@@ -120,6 +189,9 @@ def run(cfg: BenchWorldModelConfig, out_dir: Path | None = None) -> JobResult:
         med_total = statistics.median(total_ms)
         rows.append(
             {
+                "sampler": "euler",
+                "kv_cache": True,
+                "speculative": cfg.speculate,
                 "steps": steps,
                 "dynamics_ms": statistics.median(dyn_ms),
                 "dynamics_p90_ms": _quantile(dyn_ms, 0.9),
@@ -195,5 +267,169 @@ def format_table(summary: dict) -> str:
             f"{r['decode_ms']:>7.1f} {r['frame_ms']:>9.1f} {r['frame_p10_ms']:>7.1f} {r['fps']:>6.1f} "
             f"{r['dynamics_gflop']:>10.3f}"
             + (f" {r['speculate_ms_per_frame']:>10.1f}" if "speculate_ms_per_frame" in r else "")
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- trained checkpoints
+
+
+def held_out_episodes(dynamics: str, num_episodes: int, given: list[int] | None) -> list[int]:
+    """The episodes a dynamics run held out: ``given``, else its summary.json's ``val_episodes``."""
+    import json
+
+    if given is None:
+        path = Path(dynamics)
+        summary = path / "summary.json" if path.is_dir() else path.parent.parent / "summary.json"
+        if not summary.is_file() or "val_episodes" not in json.loads(summary.read_text()):
+            raise UserError(
+                f"Cannot tell which episodes the dynamics run {dynamics} held out (no val_episodes in "
+                f"{summary}); pass val_episodes=[...]."
+            )
+        given = json.loads(summary.read_text())["val_episodes"]
+    bad = [e for e in given if not 0 <= e < num_episodes]
+    if not given or bad:
+        raise UserError(
+            f"val_episodes must be a non-empty list of episode indices below {num_episodes}, got {given}."
+        )
+    return list(given)
+
+
+def run_trained(cfg: BenchWorldModelConfig, out_dir: Path | None = None) -> JobResult:
+    """Speed and quality rows of trained checkpoints; see the module docstring."""
+    import numpy as np
+    import torch
+
+    from dreamrt.world_models.dynamics import flops_per_pass, load_dynamics
+    from dreamrt.world_models.quality import clip_starts, horizon_quality, load_eval_data, timed_stream
+    from dreamrt.world_models.sampling import FrameSamplerConfig
+    from dreamrt.world_models.tokenizer import decoder_flops, load_tokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tok = load_tokenizer(cfg.tokenizer)
+    model, normalizer = load_dynamics(cfg.dynamics)
+    from dreamrt.episodes import open_store
+
+    keys = _trained_keys(cfg.dynamics)
+    val = held_out_episodes(cfg.dynamics, open_store(cfg.store).num_episodes, cfg.val_episodes)
+    # Only the held-out episodes are read and encoded (renumbered 0..len(val)-1 in `data`).
+    data = load_eval_data(cfg.store, tok, normalizer, episodes=val, **keys)
+    if model.config.state_dim != data.states.shape[1] or model.config.action_dim != data.actions.shape[1]:
+        raise UserError(
+            f"The dynamics model takes action/state dims {model.config.action_dim}/{model.config.state_dim}, the "
+            f"store gives {data.actions.shape[1]}/{data.states.shape[1]} ({keys})."
+        )
+    dc = model.config
+    context = cfg.context or dc.window - 1
+    local = np.arange(len(val))
+    starts = clip_starts(
+        data.episode_ends, local, context + max(cfg.horizons), cfg.clips_per_episode, cfg.seed
+    )
+    starts = starts[np.linspace(0, len(starts) - 1, min(cfg.max_clips, len(starts))).round().astype(int)]
+    stream_len = (
+        context + cfg.warmup + cfg.frames + max(1, max((r.speculate for r in cfg.configs), default=0))
+    )
+    stream_start = clip_starts(data.episode_ends, local, stream_len, 1, cfg.seed)[0]
+    ref = reference_gflops()
+    decode_gflop = decoder_flops(tok.config) / 1e9
+
+    rows, quality_cache = [], {}
+    for rc in cfg.configs:
+        sampler = FrameSamplerConfig(
+            steps=rc.steps, solver=rc.solver, context_noise=cfg.context_noise, seed=cfg.seed
+        )
+        speed = timed_stream(
+            model, tok, data, int(stream_start), cfg.frames, sampler, context=context, kv_cache=rc.kv_cache,
+            speculate=rc.speculate, tolerance=cfg.tolerance, warmup=cfg.warmup,
+        )  # fmt: skip
+        key = (rc.solver, rc.steps)
+        if (
+            key not in quality_cache
+        ):  # cache and speculation do not change the frames of a step-by-step rollout
+            quality_cache[key] = horizon_quality(
+                model, tok, data, starts, sampler, context=context, horizons=list(cfg.horizons)
+            )
+        q = quality_cache[key]
+        if rc.kv_cache:
+            dyn_gflop = frame_flops(dc, rc.steps, sampler.kv_write) / 1e9
+        else:
+            dyn_gflop = rc.steps * flops_per_pass(dc, dc.window, dc.window) / 1e9
+        row = {
+            "name": rc.name,
+            "sampler": rc.solver,
+            "steps": rc.steps,
+            "kv_cache": rc.kv_cache,
+            "speculative": rc.speculate,
+            **speed,
+            "dynamics_gflop": dyn_gflop,
+            "decode_gflop": decode_gflop,
+            "peak_fraction": (dyn_gflop + decode_gflop) * speed["fps"] / ref,
+        }
+        for h in cfg.horizons:
+            row[f"psnr_h{h}"] = q[f"model_psnr_h{h}"]
+            row[f"ssim_h{h}"] = q[f"model_ssim_h{h}"]
+        rows.append(row)
+    q = next(iter(quality_cache.values()))
+    baseline = {"name": "repeat last frame", "sampler": "repeat_last_frame", "steps": 0, "kv_cache": False,
+                "speculative": 0, "fps": None}  # fmt: skip
+    for h in cfg.horizons:
+        baseline[f"psnr_h{h}"] = q[f"repeat_last_psnr_h{h}"]
+        baseline[f"ssim_h{h}"] = q[f"repeat_last_ssim_h{h}"]
+    rows.append(baseline)
+    summary = {
+        "tokenizer": cfg.tokenizer,
+        "dynamics": cfg.dynamics,
+        "store": cfg.store,
+        "parameters": model.num_parameters(),
+        "tokenizer_parameters": tok.num_parameters(),
+        "tokens_per_frame": dc.tokens_per_frame,
+        "window": dc.window,
+        "context": context,
+        "held_out_episodes": val,
+        "quality_clips": q["clips"],
+        "tokenizer_psnr": sum(q[f"tokenizer_psnr_h{h}"] for h in cfg.horizons) / len(cfg.horizons),
+        "tokenizer_ssim": sum(q[f"tokenizer_ssim_h{h}"] for h in cfg.horizons) / len(cfg.horizons),
+        "threads": torch.get_num_threads(),
+        "reference_gflops": ref,
+        "tolerance": cfg.tolerance,
+        "rows": rows,
+    }
+    print(format_trained_table(summary, cfg.horizons))
+    return JobResult(summary=summary)
+
+
+def _trained_keys(dynamics: str) -> dict[str, str]:
+    """camera / action_key / state_key the dynamics run trained on (its summary.json), else the defaults."""
+    import json
+
+    path = Path(dynamics)
+    summary = path / "summary.json" if path.is_dir() else path.parent.parent / "summary.json"
+    saved = json.loads(summary.read_text()) if summary.is_file() else {}
+    return {
+        "camera": saved.get("camera", "observation.images.static"),
+        "action_key": saved.get("action_key", "action"),
+        "state_key": saved.get("state_key", "observation.state"),
+    }
+
+
+def format_trained_table(summary: dict, horizons: list[int]) -> str:
+    head = (
+        f"world model {summary['parameters'] / 1e6:.2f}M params + tokenizer {summary['tokenizer_parameters'] / 1e6:.2f}M, "
+        f"{summary['tokens_per_frame']} tokens/frame, window {summary['window']}, {summary['threads']} thread(s), "
+        f"reference {summary['reference_gflops']:.0f} GFLOP/s; tokenizer PSNR {summary['tokenizer_psnr']:.2f} dB; "
+        f"{summary['quality_clips']} held-out clips"
+    )
+    cols = (
+        f"{'name':<28} {'sampler':<8} {'steps':>5} {'cache':>5} {'spec':>4} {'FPS':>6} {'accept':>6} "
+        + " ".join(f"{'PSNR@' + str(h):>7} {'SSIM@' + str(h):>7}" for h in horizons)
+    )
+    lines = [head, cols]
+    for r in summary["rows"]:
+        fps = f"{r['fps']:6.1f}" if r.get("fps") is not None else f"{'-':>6}"
+        acc = f"{r['acceptance_rate']:6.2f}" if "acceptance_rate" in r else f"{'-':>6}"
+        lines.append(
+            f"{r['name'][:28]:<28} {r['sampler']:<8} {r['steps']:>5} {str(r['kv_cache'])[0]:>5} {r['speculative']:>4} "
+            f"{fps} {acc} " + " ".join(f"{r[f'psnr_h{h}']:7.2f} {r[f'ssim_h{h}']:7.3f}" for h in horizons)
         )
     return "\n".join(lines)

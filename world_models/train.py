@@ -132,6 +132,103 @@ def _check_common(cfg: Any) -> None:
         raise UserError(f"threads must be >= 0, got {cfg.threads}.")
 
 
+@dataclass
+class TrainWorldModelConfig:
+    """`dreamrt train world-model`: ``stage=tokenizer``, ``stage=dynamics tokenizer=RUN`` or
+    ``stage=both`` (the tokenizer into OUT/tokenizer, then the dynamics into OUT/dynamics)."""
+
+    store: str = MISSING
+    stage: str = "both"  # tokenizer | dynamics | both
+    tokenizer: str = ""  # stage=dynamics: the trained tokenizer's run directory or checkpoint
+    camera: str = "observation.images.static"
+    action_key: str = "action"
+    state_key: str = (
+        "observation.state"  # "" conditions on actions only (what WorldModelEnv runs closed loop)
+    )
+    tokenizer_model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokenizer_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(batch_size=64, lr=1e-3, warmup_steps=200)
+    )
+    kl_weight: float = 1e-6
+    model: DynamicsConfig = field(default_factory=DynamicsConfig)
+    flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    sampler: FrameSamplerConfig = field(default_factory=FrameSamplerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    clip_frames: int = 16
+    max_frames: int = 200_000
+    val_ratio: float = 0.05
+    eval_clips: int = 64
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        from dreamrt.errors import choose
+
+        choose("train world-model stage", self.stage, ("tokenizer", "dynamics", "both"))
+        if self.stage == "dynamics" and self.tokenizer in ("", MISSING):
+            raise UserError(
+                "stage=dynamics needs tokenizer=RUN: the run directory of a trained tokenizer (stage=tokenizer's "
+                "output/tokenizer), or use stage=both."
+            )
+        self.tokenizer_stage()  # validates everything shared with the stage configs
+        if self.stage != "tokenizer":
+            self.dynamics_stage(self.tokenizer or "pending")
+
+    def tokenizer_stage(self) -> TokenizerTrainConfig:
+        return TokenizerTrainConfig(
+            store=self.store,
+            camera=self.camera,
+            model=self.tokenizer_model,
+            optim=self.tokenizer_optim,
+            kl_weight=self.kl_weight,
+            max_frames=self.max_frames,
+            val_ratio=self.val_ratio,
+            seed=self.seed,
+            threads=self.threads,
+        )
+
+    def dynamics_stage(self, tokenizer: str) -> DynamicsTrainConfig:
+        return DynamicsTrainConfig(
+            store=self.store,
+            tokenizer=tokenizer,
+            camera=self.camera,
+            action_key=self.action_key,
+            state_key=self.state_key,
+            model=self.model,
+            flow=self.flow,
+            sampler=self.sampler,
+            optim=self.optim,
+            clip_frames=self.clip_frames,
+            max_frames=self.max_frames,
+            val_ratio=self.val_ratio,
+            eval_clips=self.eval_clips,
+            seed=self.seed,
+            threads=self.threads,
+        )
+
+
+def run(cfg: TrainWorldModelConfig, out_dir: Path) -> JobResult:
+    """`dreamrt train world-model`: the stages of ``cfg.stage`` into ``out_dir/tokenizer`` and
+    ``out_dir/dynamics`` (rerunning on the same ``--out`` resumes each stage)."""
+    out_dir = Path(out_dir)
+    summary: dict[str, Any] = {"stage": cfg.stage}
+    tokenizer = cfg.tokenizer
+    if cfg.stage in ("tokenizer", "both"):
+        summary["tokenizer"] = run_tokenizer(cfg.tokenizer_stage(), out_dir / "tokenizer").summary
+        tokenizer = str(out_dir / "tokenizer")
+        print(
+            f"tokenizer: PSNR {summary['tokenizer']['val_psnr_db']:.2f} dB on held-out frames -> {tokenizer}"
+        )
+    if cfg.stage in ("dynamics", "both"):
+        summary["dynamics"] = run_dynamics(cfg.dynamics_stage(tokenizer), out_dir / "dynamics").summary
+        d = summary["dynamics"]
+        print(
+            f"dynamics: one-step PSNR {d.get('eval_psnr_db', float('nan')):.2f} dB vs "
+            f"{d.get('eval_psnr_db_copy_last', float('nan')):.2f} dB repeating the last frame -> {out_dir / 'dynamics'}"
+        )
+    return JobResult(summary=summary)
+
+
 # ---------------------------------------------------------------------------- shared loop
 
 
@@ -349,6 +446,7 @@ def run_dynamics(cfg: DynamicsTrainConfig, out_dir: Path) -> JobResult:
         "camera": cfg.camera,
         "action_key": cfg.action_key,
         "state_key": cfg.state_key,
+        "val_episodes": [int(e) for e in val_eps],  # what `dreamrt bench world-model` evaluates on
         **evaluation,
         "seconds": time.perf_counter() - start,
     }

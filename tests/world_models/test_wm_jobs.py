@@ -1,0 +1,225 @@
+"""The world-model jobs end to end on tiny models: `train world-model`, `bench world-model` with
+trained checkpoints, WorldModelEnv (gymnasium's checker) and the MuJoCo comparison tool."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+from dreamrt.errors import UserError
+from dreamrt.world_models import bench, compare
+from dreamrt.world_models.dynamics import load_dynamics, preset
+from dreamrt.world_models.env import WorldModelEnv
+from dreamrt.world_models.quality import ssim
+from dreamrt.world_models.sampling import FrameSamplerConfig
+from dreamrt.world_models.synthetic import MovingSquareConfig, write_moving_square_store
+from dreamrt.world_models.tokenizer import preset as tokenizer_preset
+from dreamrt.world_models.train import OptimConfig, TrainWorldModelConfig
+from dreamrt.world_models.train import run as train_run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny actions-only world model trained by the job on a synthetic store: (store, run dir, summary)."""
+    root = tmp_path_factory.mktemp("wmjobs")
+    store = root / "squares.zarr"
+    write_moving_square_store(store, episodes=5, length=30, cfg=MovingSquareConfig(image_size=24, square=6))
+    torch.set_num_threads(1)
+    cfg = TrainWorldModelConfig(
+        store=str(store),
+        stage="both",
+        state_key="",
+        tokenizer_model=tokenizer_preset("tiny"),
+        tokenizer_optim=OptimConfig(
+            steps=20, batch_size=8, lr=3e-3, warmup_steps=2, log_every=10, save_every=20
+        ),
+        model=preset("tiny", action_dim=1, state_dim=0),
+        sampler=FrameSamplerConfig(steps=2),
+        clip_frames=5,
+        eval_clips=4,
+        val_ratio=0.2,
+        optim=OptimConfig(steps=4, batch_size=4, warmup_steps=1, log_every=2, save_every=4),
+    )
+    summary = train_run(cfg, root / "run").summary
+    return store, root / "run", summary
+
+
+def test_train_world_model_job(trained):
+    store, run_dir, summary = trained
+    assert summary["stage"] == "both"
+    assert summary["tokenizer"]["steps"] == 20 and summary["dynamics"]["steps"] == 4
+    assert summary["tokenizer"]["val_psnr_db"] > summary["tokenizer"]["val_psnr_db_initial"]
+    saved = json.loads((run_dir / "dynamics" / "summary.json").read_text())
+    assert saved["state_key"] == "" and len(saved["val_episodes"]) == 1
+    model, _ = load_dynamics(run_dir / "dynamics")
+    assert (model.config.action_dim, model.config.state_dim) == (7, 0)
+
+
+def test_train_world_model_config_errors(trained):
+    store = str(trained[0])
+    with pytest.raises(UserError, match="Did you mean 'dynamics'"):
+        TrainWorldModelConfig(store=store, stage="dynamic")
+    with pytest.raises(UserError, match="stage=dynamics needs tokenizer=RUN"):
+        TrainWorldModelConfig(store=store, stage="dynamics")
+    with pytest.raises(UserError, match="store is required"):
+        TrainWorldModelConfig(stage="tokenizer")
+
+
+def test_ssim():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g)
+    assert torch.allclose(ssim(x, x), torch.ones(2))
+    noisy = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    slightly = (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    assert (ssim(noisy, x) < ssim(slightly, x)).all() and (ssim(slightly, x) < 1).all()
+
+
+def test_bench_trained_rows(trained):
+    store, run_dir, _ = trained
+    cfg = bench.BenchWorldModelConfig(
+        tokenizer=str(run_dir / "tokenizer"),
+        dynamics=str(run_dir / "dynamics"),
+        store=str(store),
+        configs=[
+            bench.BenchRowConfig("teacher", "euler", 2, kv_cache=False),
+            bench.BenchRowConfig("teacher", "euler", 2),
+            bench.BenchRowConfig("few", "x0", 1, speculate=3),
+        ],
+        horizons=[1, 4],
+        frames=6,
+        warmup=0,  # timing starts at the first speculation: two whole ones of 3 frames
+        tolerance=10.0,  # every action "repeats": all speculated frames are accepted
+    )
+    summary = bench.run(cfg).summary
+    rows = summary["rows"]
+    assert [r["sampler"] for r in rows] == ["euler", "euler", "x0", "repeat_last_frame"]
+    for r in rows[:3]:
+        assert (
+            r["fps"] > 0 and 0 < r["peak_fraction"] and -1 <= r["ssim_h4"] <= 1 and np.isfinite(r["psnr_h1"])
+        )
+        assert {"sampler", "steps", "kv_cache", "speculative", "fps"} <= set(r)
+    # Cached and uncached rollouts generate the same frames: same quality, and the cache is cheaper.
+    assert rows[0]["psnr_h4"] == rows[1]["psnr_h4"] and rows[0]["dynamics_gflop"] > rows[1]["dynamics_gflop"]
+    assert rows[2]["acceptance_rate"] == 1.0 and rows[2]["frames_per_speculation"] == 3.0
+    assert rows[3]["fps"] is None and rows[3]["psnr_h1"] > 0
+    assert (
+        summary["held_out_episodes"]
+        == json.loads((run_dir / "dynamics" / "summary.json").read_text())["val_episodes"]
+    )
+    assert 0 < summary["tokenizer_psnr"] < 100
+    with pytest.raises(UserError, match="tokenizer=RUN dynamics=RUN store=STORE"):
+        bench.BenchWorldModelConfig(dynamics=str(run_dir / "dynamics"))
+
+
+def test_speculation_rejects_changing_actions(trained):
+    store, run_dir, _ = trained
+    from dreamrt.world_models.quality import load_eval_data, timed_stream
+    from dreamrt.world_models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(run_dir / "tokenizer")
+    model, normalizer = load_dynamics(run_dir / "dynamics")
+    data = load_eval_data(
+        str(store), tok, normalizer, camera="observation.images.static", action_key="action", state_key=""
+    )
+    # The synthetic actions' noise dimensions change every frame: nothing beyond the first frame is accepted.
+    out = timed_stream(
+        model, tok, data, 0, 8, FrameSamplerConfig(steps=1), context=3, speculate=3, tolerance=1e-6
+    )
+    # (the stream's tail speculates fewer than 3 frames, so the rate is a little above 1/3)
+    assert out["frames_per_speculation"] == 1.0 and out["acceptance_rate"] < 0.5
+
+
+def test_world_model_env(trained):
+    store, run_dir, _ = trained
+    env = WorldModelEnv.from_checkpoints(
+        str(run_dir / "tokenizer"), str(run_dir / "dynamics"), str(store), sampler=FrameSamplerConfig(steps=2),
+        max_episode_steps=5,
+    )  # fmt: skip
+    check_env(env, skip_render_check=True)
+    obs, info = env.reset(seed=3, options={"episode": 2, "start": 4})
+    assert set(obs) == {"observation.images.static"} and obs["observation.images.static"].shape == (16, 16, 3)
+    assert info["episode"] == 2 and not info["state_held"]
+    frames = [obs["observation.images.static"]]
+    for i in range(5):
+        obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+        frames.append(obs["observation.images.static"])
+        assert reward == 0.0 and not terminated and truncated == (i == 4)
+    assert any(not np.array_equal(a, b) for a, b in zip(frames, frames[1:]))  # the dream moves
+    # Same episode, same actions: the same frames (noise is seeded per frame index).
+    env.reset(options={"episode": 2, "start": 4})
+    again = env.step(np.zeros(7, np.float32))[0]["observation.images.static"]
+    env.reset(options={"episode": 2, "start": 4})
+    assert np.array_equal(env.step(np.zeros(7, np.float32))[0]["observation.images.static"], again)
+    with pytest.raises(UserError, match="unknown option 'episodes'"):
+        env.reset(options={"episodes": 1})
+    with pytest.raises(UserError, match="start=99"):
+        env.reset(options={"episode": 0, "start": 99})
+    with pytest.raises(UserError, match="7 finite numbers"):
+        env.step(np.zeros(3))
+
+
+def test_world_model_env_refuses_state_models_without_hold(trained, tmp_path):
+    store, run_dir, _ = trained
+    from dreamrt.episodes import Normalizer, open_store
+    from dreamrt.world_models.dynamics import NextFrameDiT
+    from dreamrt.world_models.tokenizer import load_tokenizer
+
+    model = NextFrameDiT(preset("tiny", action_dim=7, state_dim=15))
+    stats = open_store(store).stats
+    normalizer = Normalizer.from_stats(stats, {"action": "min_max", "observation.state": "min_max"}).to_dict()
+    tok = load_tokenizer(run_dir / "tokenizer")
+    with pytest.raises(UserError, match="hold_state=True"):
+        WorldModelEnv(tok, model, normalizer, str(store))
+    env = WorldModelEnv(tok, model, normalizer, str(store), state_key="observation.state", hold_state=True)
+    obs, info = env.reset(seed=0)
+    assert info["state_held"] and obs["observation.state"].shape == (15,)
+    assert np.array_equal(env.step(np.zeros(7, np.float32))[0]["observation.state"], obs["observation.state"])
+
+
+def test_compare_on_a_store(trained, tmp_path):
+    store, run_dir, _ = trained
+    cfg = compare.CompareWorldModelConfig(
+        tokenizer=str(run_dir / "tokenizer"), dynamics=str(run_dir / "dynamics"), store=str(store),
+        horizons=[1, 2, 8], clips_per_episode=2, sampler=FrameSamplerConfig(steps=1),
+    )  # fmt: skip
+    summary = compare.run(cfg, tmp_path).summary
+    assert [r["horizon"] for r in summary["rows"]] == [1, 2, 8] and summary["clips"] == 10
+    first = summary["rows"][0]
+    assert first["repeat_last_psnr"] > summary["rows"][-1]["repeat_last_psnr"]  # the square moves away
+    assert (tmp_path / "comparison.png").is_file()
+
+
+def test_compare_records_in_mujoco(trained, tmp_path):
+    _, run_dir, _ = trained
+    from dreamrt.sim.env import EnvConfig
+
+    cfg = compare.CompareWorldModelConfig(
+        tokenizer=str(run_dir / "tokenizer"), dynamics=str(run_dir / "dynamics"), episodes=1, mode="single",
+        env=EnvConfig(static_height=32, static_width=32, gripper_height=16, gripper_width=16),
+        horizons=[1, 4], clips_per_episode=2, sampler=FrameSamplerConfig(steps=1), image=False,
+    )  # fmt: skip
+    summary = compare.run(cfg, tmp_path).summary
+    assert summary["recorded"]["episodes_written"] == 1 and summary["clips"] == 2
+    assert all(0 < r["model_psnr"] < 100 for r in summary["rows"])
+    with pytest.raises(UserError, match="env.cameras"):
+        compare.CompareWorldModelConfig(tokenizer="a", dynamics="b", env=EnvConfig(cameras=False))
+
+
+def test_eval_data_of_chosen_episodes(trained):
+    store, run_dir, _ = trained
+    from dreamrt.world_models.quality import load_eval_data
+    from dreamrt.world_models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(run_dir / "tokenizer")
+    _, normalizer = load_dynamics(run_dir / "dynamics")
+    keys = dict(camera="observation.images.static", action_key="action", state_key="")
+    full = load_eval_data(str(store), tok, normalizer, **keys)
+    part = load_eval_data(str(store), tok, normalizer, episodes=[3, 1], **keys)
+    rows = np.r_[90:120, 30:60]  # episodes 3 then 1, 30 frames each
+    assert part.episode_ends.tolist() == [30, 60]
+    assert torch.equal(part.images, full.images[rows]) and torch.equal(part.actions, full.actions[rows])
+    torch.testing.assert_close(part.latents, full.latents[rows])
+    with pytest.raises(UserError, match="not a non-empty list of episodes"):
+        load_eval_data(str(store), tok, normalizer, episodes=[7], **keys)
