@@ -48,7 +48,7 @@ from dreamrt.jobs import JobResult
 from dreamrt.policies.factory import PolicyConfig
 from dreamrt.policies.shipped import shipped_path
 from dreamrt.runtime.chunking import SchedulerConfig
-from dreamrt.runtime.loop import LoopConfig
+from dreamrt.runtime.loop import LoopConfig, loop_for_policy, realtime_or_normal
 from dreamrt.runtime.metrics import Percentiles, TickRecord
 from dreamrt.sim.env import EnvConfig
 
@@ -136,8 +136,8 @@ def run(cfg: DemoConfig, out_dir: Path | None = None) -> JobResult:
     try:
         policy = make_policy(policy_cfg, action_dim=7, rate_hz=CONTROL_HZ, scene=cfg.env.scene)
         check_policy_fits(policy, cfg.env)
-        loop_cfg = _loop_for(cfg.loop, policy.spec.horizon)
-        loop_cfg = _realtime_or_not(loop_cfg)
+        loop_cfg = loop_for_policy(cfg.loop, policy.spec.horizon)
+        loop_cfg = realtime_or_normal(loop_cfg)
         env_cfg = resolve_env_config(cfg.env, cfg.cameras, policy)
         films = min(cfg.videos, cfg.chains)
         specs = chain_specs(protocol.generate_chains(cfg.chains, cfg.seed), cfg.seed, films)
@@ -182,18 +182,6 @@ def run(cfg: DemoConfig, out_dir: Path | None = None) -> JobResult:
     return JobResult(summary=summary, exit_code=EXIT_INTERRUPTED if interrupted else 0)
 
 
-def _loop_for(loop: LoopConfig, horizon: int) -> LoopConfig:
-    """The loop settings for this policy: sync for one-action policies (see the module docstring)."""
-    if horizon == 1 and loop.scheduler.strategy != "sync":
-        print(
-            f"note: the policy returns one action per call, so {loop.scheduler.strategy} cannot run ahead of it; "
-            "running sync",
-            flush=True,
-        )
-        return replace(loop, scheduler=replace(loop.scheduler, strategy="sync", execute_steps=None))
-    return loop
-
-
 @contextlib.contextmanager
 def _single_threaded_rendering():
     """Mesa's software renderer (llvmpipe, what EGL gives on a machine without a GPU) draws with
@@ -209,25 +197,6 @@ def _single_threaded_rendering():
         yield
     finally:
         os.environ.pop("LP_NUM_THREADS", None)
-
-
-def _realtime_or_not(loop: LoopConfig) -> LoopConfig:
-    """``loop`` without ``realtime_priority`` where this process may not use SCHED_FIFO, with one note
-    (the loop would otherwise warn at every subtask)."""
-    if loop.realtime_priority is None or loop.mode != "real":
-        return loop
-    try:
-        before = os.sched_getscheduler(0), os.sched_getparam(0)
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(loop.realtime_priority))
-        os.sched_setscheduler(0, *before)
-        return loop
-    except (AttributeError, OSError) as exc:
-        print(
-            f"note: no real-time scheduling here ({exc}); the loop runs at normal priority and other "
-            "processes may delay its ticks (grant CAP_SYS_NICE or an rtprio limit, or set loop.realtime_priority=null)",
-            flush=True,
-        )
-        return replace(loop, realtime_priority=None)
 
 
 def _set_threads(policy_cfg: PolicyConfig, threads: int | None) -> int | None:

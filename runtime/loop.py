@@ -40,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -448,3 +448,35 @@ def _age_ms(obs: dict, now: float) -> float:
     except (TypeError, ValueError):
         return -1.0
     return age if math.isfinite(age) else -1.0
+
+
+def loop_for_policy(loop: LoopConfig, horizon: int) -> LoopConfig:
+    """``loop`` for a policy whose chunks hold ``horizon`` actions: a one-action policy (the scripted
+    expert) runs ``sync``, with a note, since no asynchronous strategy can run ahead of it."""
+    if horizon == 1 and loop.scheduler.strategy != "sync":
+        print(
+            f"note: the policy returns one action per call, so {loop.scheduler.strategy} cannot run ahead of it; "
+            "running sync",
+            flush=True,
+        )
+        return replace(loop, scheduler=replace(loop.scheduler, strategy="sync", execute_steps=None))
+    return loop
+
+
+def realtime_or_normal(loop: LoopConfig) -> LoopConfig:
+    """``loop`` without ``realtime_priority`` where this process may not use SCHED_FIFO, with one note
+    (the loop would otherwise warn at every subtask)."""
+    if loop.realtime_priority is None or loop.mode != "real":
+        return loop
+    try:
+        before = os.sched_getscheduler(0), os.sched_getparam(0)
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(loop.realtime_priority))
+        os.sched_setscheduler(0, *before)
+        return loop
+    except (AttributeError, OSError) as exc:
+        print(
+            f"note: no real-time scheduling here ({exc}); the loop runs at normal priority and other "
+            "processes may delay its ticks (grant CAP_SYS_NICE or an rtprio limit, or set loop.realtime_priority=null)",
+            flush=True,
+        )
+        return replace(loop, realtime_priority=None)

@@ -33,7 +33,7 @@ from dreamrt.errors import UserError
 from dreamrt.jobs import JobResult
 from dreamrt.policies.factory import PolicyConfig
 from dreamrt.runtime.chunking import SchedulerConfig
-from dreamrt.runtime.loop import LoopConfig, run_loop
+from dreamrt.runtime.loop import LoopConfig, loop_for_policy, realtime_or_normal, run_loop
 from dreamrt.runtime.metrics import TickRecord
 from dreamrt.sim.env import EnvConfig
 
@@ -45,10 +45,13 @@ STATUS_EVERY_S = 0.25  # wall seconds between status-line refreshes (it is drawn
 class RunConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # policy=expert|random or policy.path=DIR
     env: EnvConfig = field(default_factory=EnvConfig)  # the scene, cameras, action mode
-    # Rate, mode, strategy, safety. sync suits the default policy, the scripted expert: it returns one
-    # action per call, so no async strategy can run ahead of its latency (use rtc for chunking policies).
+    # Rate, mode, strategy, safety. rtc for chunking policies; a one-action policy (the scripted
+    # expert) runs sync whatever is set, with a note. realtime_priority: the loop and inference
+    # threads under SCHED_FIFO where permitted (else one note and normal scheduling).
     loop: LoopConfig = field(
-        default_factory=lambda: LoopConfig(max_ticks=360, scheduler=SchedulerConfig(strategy="sync"))
+        default_factory=lambda: LoopConfig(
+            max_ticks=360, realtime_priority=10, scheduler=SchedulerConfig(strategy="rtc")
+        )
     )
     task: str = "open_drawer"  # one of dreamrt.sim.tasks.task_names()
     seed: int = 0  # start state, scene reset and policy sampling
@@ -102,6 +105,7 @@ def run(cfg: RunConfig, out_dir: Path | None = None) -> JobResult:
         )
         _check_policy(policy, robot.action_dim, cfg.env.action_mode)
         policy.reset(cfg.seed)
+        loop_cfg = realtime_or_normal(loop_for_policy(cfg.loop, policy.spec.horizon))
 
         outcome: dict[str, Any] = {"success": False, "success_step": None}
         status = _Status(cfg.loop.max_ticks, enabled=cfg.status)
@@ -124,9 +128,9 @@ def run(cfg: RunConfig, out_dir: Path | None = None) -> JobResult:
                 ) as writer,
                 EpisodeRecorder(writer, default_task=instruction) as recorder,
             ):
-                report = run_loop(robot, policy, cfg.loop, recorder, on_tick=on_tick)
+                report = run_loop(robot, policy, loop_cfg, recorder, on_tick=on_tick)
         else:
-            report = run_loop(robot, policy, cfg.loop, on_tick=on_tick)
+            report = run_loop(robot, policy, loop_cfg, on_tick=on_tick)
         status.close(report)
     finally:
         env.close()
