@@ -37,6 +37,7 @@ or step by step (inpainting, distillation, caching experiments):
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "l
     return [round(num_train_timesteps - k * ratio) - 1 for k in range(num_steps)]
 
 
-class TimestepSampler:
+class TimestepSampler(abc.ABC):
     """What every reverse process shares: a fixed list of timesteps and the loop over them.
 
     ``timesteps[i]`` is the timestep the denoiser sees at step i; step i goes from
@@ -173,11 +174,12 @@ class TimestepSampler:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
+    @abc.abstractmethod
     def x0_estimate(self, model_output: Tensor, t: int, x_t: Tensor) -> Tensor:
         """The clean-sample estimate from the denoiser's output at ``t``, unclipped and differentiable
         (RTC's guidance back-propagates through it)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def step_from_x0(
         self,
         x0: Tensor,
@@ -191,7 +193,6 @@ class TimestepSampler:
         ``noise`` (same shape as x_t) is used when the step is stochastic; when it is None,
         fresh noise is drawn from ``generator``.
         """
-        raise NotImplementedError
 
     def clip(self, x0: Tensor) -> Tensor:
         cfg = self.schedule.config

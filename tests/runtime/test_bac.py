@@ -373,16 +373,10 @@ def test_calibrate_config_errors(kwargs, message):
 
 
 def test_calibrate_config_composes_from_yaml():
-    from dreamrt.cli.commands import Command
+    from dreamrt.cli.commands import by_name
     from dreamrt.cli.main import compose
 
-    command = Command(
-        name="bac calibrate",
-        summary="",
-        config="bac_calibrate",
-        schema="dreamrt.runtime.bac_calibrate:CalibrateConfig",
-        job="dreamrt.runtime.bac_calibrate:run",
-    )
+    command = by_name()["bac calibrate"]
     cfg, _ = compose(command, ["policy.preset=small", "schedule.num_updates=20", "sampler.num_steps=50"])
     assert isinstance(cfg, CalibrateConfig) and cfg.schedule.num_updates == 20 and cfg.sampler.num_steps == 50
     with pytest.raises(UserError, match="Did you mean 'schedule.num_updates'"):

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from test_onnx_backend import make_policy
 
 from dreamrt.errors import UserError
@@ -23,13 +22,6 @@ from dreamrt.runtime.bench_chunking import (
 )
 
 ROW_KEYS = {"strategy", "delay_ms", "episodes", "success", "max_action_jump", "mean_boundary_jump", "ticks"}
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_jumps_on_constructed_commands():
@@ -145,16 +137,10 @@ def test_config_errors(checkpoint):
 
 
 def test_bench_chunking_config_composes_from_its_yaml():
-    from dreamrt.cli.commands import Command
+    from dreamrt.cli.commands import by_name
     from dreamrt.cli.main import compose
 
-    command = Command(
-        name="bench chunking",
-        summary="",
-        config="bench_chunking",
-        schema="dreamrt.runtime.bench_chunking:BenchChunkingConfig",
-        job="dreamrt.runtime.bench_chunking:run",
-    )
+    command = by_name()["bench chunking"]
     cfg, _ = compose(command, ["policy.path=/ckpt", "delays_s=[0.2]", "tasks=null"])
     assert (cfg.policy.path, cfg.delays_s, cfg.tasks) == ("/ckpt", [0.2], None)
     assert cfg.strategies == ["sync", "naive_async", "temporal_ensemble", "rtc"] and cfg.max_ticks == 360

@@ -6,13 +6,9 @@ import os
 
 import numpy as np
 import pytest
-import torch
-from test_onnx_backend import make_policy
 
 from dreamrt.errors import UserError
-from dreamrt.policies.diffusion_policy import save_diffusion_policy
 from dreamrt.policies.factory import PolicyConfig
-from dreamrt.policies.schedulers import SamplerConfig
 from dreamrt.runtime.bench_loop import (
     BenchLoopConfig,
     EpisodePolicy,
@@ -43,23 +39,9 @@ ROW_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A random tiny DP-T on the env's state inputs (To = 2, 4 actions per chunk, DDIM-3)."""
-    policy = make_policy(language=False, sampler=SamplerConfig(name="ddim", num_steps=3), p_drop=0.0)
-    return save_diffusion_policy(policy, tmp_path_factory.mktemp("bench_loop") / "ckpt")
-
-
-def test_idle_and_hog_rows_with_a_dpt_checkpoint(checkpoint, tmp_path, capsys):
+def test_idle_and_hog_rows_with_a_dpt_checkpoint(tiny_state_checkpoint, tmp_path, capsys):
     cfg = BenchLoopConfig(
-        policy=PolicyConfig(path=str(checkpoint)),
+        policy=PolicyConfig(path=str(tiny_state_checkpoint)),
         ticks=60,
         max_episode_ticks=20,  # at least two in-loop resets in 60 ticks
         tasks=["open_drawer", "turn_on_led"],
@@ -154,16 +136,10 @@ def test_strategy_and_config_errors():
 
 
 def test_bench_loop_config_composes_from_its_yaml():
-    from dreamrt.cli.commands import Command
+    from dreamrt.cli.commands import by_name
     from dreamrt.cli.main import compose
 
-    command = Command(
-        name="bench loop",
-        summary="",
-        config="bench_loop",
-        schema="dreamrt.runtime.bench_loop:BenchLoopConfig",
-        job="dreamrt.runtime.bench_loop:run",
-    )
+    command = by_name()["bench loop"]
     cfg, _ = compose(command, ["policy.path=/ckpt", "policy.steps=10", "ticks=600", "loads=[idle]"])
     assert (cfg.policy.path, cfg.policy.steps, cfg.ticks, cfg.loads) == ("/ckpt", 10, 600, ["idle"])
     assert cfg.strategy == "auto" and cfg.env.scene == "D" and cfg.cameras is None

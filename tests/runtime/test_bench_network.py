@@ -183,16 +183,10 @@ def test_bad_config_is_a_user_error(overrides, message):
 
 
 def test_config_composes_from_its_yaml():
-    from dreamrt.cli.commands import Command
+    from dreamrt.cli.commands import by_name
     from dreamrt.cli.main import compose
 
-    command = Command(
-        name="bench network",
-        summary="",
-        config="bench_network",
-        schema="dreamrt.runtime.bench_network:BenchNetworkConfig",
-        job="dreamrt.runtime.bench_network:run",
-    )
+    command = by_name()["bench network"]
     cfg, _ = compose(command, ["threads=[1]", "passes=50", "backends=[torch]"])
     assert (cfg.threads, cfg.passes, cfg.backends) == ([1], 50, ["torch"])
     assert cfg.preset == "dp_reference" and cfg.models == [BASELINE, DREAMRT]

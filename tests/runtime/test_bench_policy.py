@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from test_onnx_backend import ACTION, ENV, INSTRUCTIONS, STATE, make_policy
 
 from dreamrt.errors import UserError
@@ -23,13 +22,6 @@ from dreamrt.runtime.bench_policy import (
 )
 
 ROW_KEYS = {"sampler", "steps", "cache", "backend", "latency_ms_p50", "latency_ms_p99", "success"}
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -191,16 +183,10 @@ def test_plan_and_config_errors(teacher, tmp_path):
 
 
 def test_bench_config_composes_from_its_yaml():
-    from dreamrt.cli.commands import Command
+    from dreamrt.cli.commands import by_name
     from dreamrt.cli.main import compose
 
-    command = Command(
-        name="bench policy",
-        summary="",
-        config="bench_policy",
-        schema="dreamrt.runtime.bench_policy:BenchPolicyConfig",
-        job="dreamrt.runtime.bench_policy:run",
-    )
+    command = by_name()["bench policy"]
     cfg, _ = compose(command, ["policy.path=/ckpt", "samplers=[ddim-10]", "success=false", "student=/s"])
     assert (cfg.policy.path, cfg.samplers, cfg.success, cfg.student) == ("/ckpt", ["ddim-10"], False, "/s")
     assert cfg.backends == ["torch", "onnxruntime"] and cfg.env.scene == "D"

@@ -4,28 +4,18 @@ import json
 
 import imageio.v3 as iio
 import pytest
-import torch
-from test_onnx_backend import make_policy
 
-from dreamrt.cli.commands import Command
+from dreamrt.cli.commands import by_name
 from dreamrt.cli.main import compose
 from dreamrt.errors import UserError
 from dreamrt.policies import shipped
-from dreamrt.policies.diffusion_policy import save_diffusion_policy
 from dreamrt.policies.factory import PolicyConfig
-from dreamrt.policies.schedulers import SamplerConfig
 from dreamrt.runtime.chunking import SchedulerConfig
 from dreamrt.runtime.demo import DemoConfig, format_summary, run
 from dreamrt.runtime.loop import LoopConfig
 from dreamrt.sim.evaluate import VIDEO_HOLD_FRAMES
 
-DEMO = Command(
-    name="demo",
-    summary="",
-    config="demo",
-    schema="dreamrt.runtime.demo:DemoConfig",
-    job="dreamrt.runtime.demo:run",
-)
+DEMO = by_name()["demo"]
 SUMMARY_KEYS = {
     "avg_len",
     "sr",
@@ -39,23 +29,10 @@ SUMMARY_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    policy = make_policy(language=False, sampler=SamplerConfig(name="ddim", num_steps=3), p_drop=0.0)
-    return save_diffusion_policy(policy, tmp_path_factory.mktemp("tiny") / "ckpt")
-
-
-def test_tiny_checkpoint_runs_a_chain_under_the_real_time_loop(tiny_ckpt, tmp_path, capsys):
+def test_tiny_checkpoint_runs_a_chain_under_the_real_time_loop(tiny_state_checkpoint, tmp_path, capsys):
     ticks = 30  # per subtask: one second of wall clock
     cfg = DemoConfig(
-        policy=PolicyConfig(path=str(tiny_ckpt)),
+        policy=PolicyConfig(path=str(tiny_state_checkpoint)),
         loop=LoopConfig(max_ticks=ticks, scheduler=SchedulerConfig(strategy="rtc")),
         chains=1,
         progress=False,
@@ -107,9 +84,9 @@ def test_the_expert_solves_a_chain_under_the_loop_and_runs_sync(tmp_path, capsys
     assert summary["artifacts"]["video"] is None and (tmp_path / "latency.png").is_file()
 
 
-def test_the_time_budget_stops_chains_from_starting(tiny_ckpt, tmp_path, capsys):
+def test_the_time_budget_stops_chains_from_starting(tiny_state_checkpoint, tmp_path, capsys):
     cfg = DemoConfig(
-        policy=PolicyConfig(path=str(tiny_ckpt)),
+        policy=PolicyConfig(path=str(tiny_state_checkpoint)),
         loop=LoopConfig(max_ticks=30),  # a worst-case chain: 5 x 1 s
         chains=2,
         time_budget_s=2.0,
@@ -196,7 +173,6 @@ def test_a_chain_under_the_loop_matches_the_rollout_driver_for_the_expert():
 
 
 def test_the_demo_command_runs_this_job(capsys):
-    from dreamrt.cli.commands import by_name
     from dreamrt.cli.main import main
 
     command = by_name()["demo"]

@@ -362,16 +362,10 @@ def test_export_job_writes_the_export_and_reports_parity(tmp_path, capsys):
 
 
 def test_export_config_composes_from_its_yaml(tmp_path):
-    from dreamrt.cli.commands import Command
+    from dreamrt.cli.commands import by_name
     from dreamrt.cli.main import compose
 
-    command = Command(
-        name="export onnx",
-        summary="",
-        config="export_onnx",
-        schema="dreamrt.runtime.export_job:ExportConfig",
-        job="dreamrt.runtime.export_job:run",
-    )
+    command = by_name()["export onnx"]
     cfg, _ = compose(command, ["policy.path=/ckpt", "blocks=false"])
     assert (cfg.policy.path, cfg.blocks, cfg.opset, cfg.out) == ("/ckpt", False, 17, None)
     with pytest.raises(UserError, match="policy.path"):

@@ -234,22 +234,11 @@ def test_metrics_log_resume_drops_rows_of_an_abandoned_branch(tmp_path):
     assert log.columns() == ["step", "loss", "val_loss"]
 
 
-def test_cli_composes_train_yaml_and_runs(state_store, tmp_path, monkeypatch):
+def test_cli_composes_train_yaml_and_runs(state_store, tmp_path):
     import json
 
-    from dreamrt.cli import commands
     from dreamrt.cli.main import main
 
-    if "train" not in commands.by_name():  # the lead wires the command; until then, a local entry
-        entry = commands.Command(
-            name="train",
-            summary="Train a DP-T diffusion policy on an episode store.",
-            config="train",
-            schema="dreamrt.training.train_policy:TrainConfig",
-            job="dreamrt.training.train_policy:run",
-            positional=("dataset.path",),
-        )
-        monkeypatch.setattr(commands, "COMMANDS", (*commands.COMMANDS, entry))
     args = [
         "train",
         str(state_store),
