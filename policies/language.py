@@ -277,7 +277,9 @@ class SentenceEncoder:
 
     @property
     def fingerprint(self) -> str:
-        """Identity of the weights (loads the model if needed)."""
+        """Identity of the weights: the loaded model's, else that of the cached rows, else loads the model."""
+        if self._loaded is None and len(self._fingerprints) == 1:
+            return next(iter(self._fingerprints))  # rows from files made by one model: no need to load it
         return self._model().fingerprint
 
     def encode(self, texts: Sequence[str]) -> Tensor:

@@ -32,6 +32,7 @@ must stamp observations on the loop's clock), else a new one for ``config.mode``
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -144,6 +145,27 @@ def _switch_interval(seconds: float | None):
 
 
 @contextmanager
+def _frozen_heap(enabled: bool):
+    """Move every object alive now out of the garbage collector's reach while inside.
+
+    A full collection walks every tracked object: with torch, onnxruntime and MuJoCo loaded
+    that is hundreds of thousands, tens of milliseconds with the GIL held, and it fires
+    whenever enough new objects have piled up (every few minutes of ticks), stalling the loop
+    and the inference thread alike. Frozen objects are skipped, so a collection during the run
+    walks only what the run itself allocated.
+    """
+    if not enabled:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextmanager
 def _realtime(priority: int | None):
     """SCHED_FIFO for the calling thread while inside; yields whether it was applied."""
     if priority is None:
@@ -192,6 +214,7 @@ def run_loop(
     with (
         worker,
         _switch_interval(None if virtual else config.switch_interval_s),
+        _frozen_heap(not virtual),
         _realtime(None if virtual else config.realtime_priority) as realtime,
     ):
         loop.run(worker)

