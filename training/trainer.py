@@ -438,12 +438,14 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    # Ctrl-C, and the SIGTERM of `timeout` or a batch scheduler, reach the whole process group:
-    # workers leave them to the main process, which finishes its step, saves and shuts them
-    # down. A worker dying first would crash the loop before it saves (seen with `timeout`).
+def _leave_the_process_group(worker_id: int) -> None:
+    # Ctrl-C, and the SIGTERM of `timeout` or a batch scheduler, go to the whole process group.
+    # A worker killed by one crashes the loop before it can save, so workers move to a group of
+    # their own: the stop request reaches the main process alone, which finishes its step,
+    # saves and shuts them down. The DataLoader's own terminate() (a signal to the worker's pid)
+    # still reaches them, and they exit by themselves when the main process dies.
+    os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -574,7 +576,7 @@ def _fit(
         # Its own generator: creating the iterator must not draw from the global RNG.
         generator=torch.Generator().manual_seed(_mix(cfg.seed, d.rank, step) & 0x7FFF_FFFF_FFFF_FFFF),
         persistent_workers=False,
-        worker_init_fn=_ignore_stop_signals if cfg.num_workers else None,
+        worker_init_fn=_leave_the_process_group if cfg.num_workers else None,
     )
     eval_model = ema.model if ema is not None else model
     params = [p for g in optimizer.param_groups for p in g["params"]]

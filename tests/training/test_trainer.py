@@ -156,6 +156,45 @@ def test_ctrl_c_saves_and_resume_is_bitwise_exact(state_store, tmp_path):
     assert [r["eval/pressed"] for r in rb if r["eval/pressed"]] == ["1"]
 
 
+_SIGTERM_TO_THE_GROUP = """
+import multiprocessing, os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from toy_reaching import toy_config
+from dreamrt.training.train_policy import train
+
+def sigterm_to_my_process_group(policy):  # what `timeout -s TERM` or a batch scheduler does
+    os.killpg(0, signal.SIGTERM)
+    time.sleep(1.0)  # time for a worker that took the signal to die
+    workers = multiprocessing.active_children()
+    print("workers alive", len(workers), all(w.is_alive() for w in workers), flush=True)
+    return {}
+
+result = train(toy_config(sys.argv[2], eval_every=6, num_workers=2), sys.argv[3], evaluate=sigterm_to_my_process_group)
+print("interrupted", result.interrupted, "step", result.step)
+"""
+
+
+def test_sigterm_to_the_process_group_saves_a_run_with_dataloader_workers(state_store, tmp_path):
+    # A worker killed by the group's signal can crash the loop before it saves (seen under
+    # `timeout` on a GPU machine): workers leave the group, so only the main process hears it.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).parent)
+    run = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_TO_THE_GROUP, here, str(state_store), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,  # its own process group: the signal must not reach pytest
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "workers alive 2 True" in run.stdout, run.stdout
+    assert "interrupted True step 6" in run.stdout
+    assert latest_checkpoint(tmp_path / "run").name == "step_000006"
+
+
 def test_resume_refuses_another_model_config(state_store, tmp_path):
     train(toy_config(state_store, steps=4, save_every=0), tmp_path)
     cfg = toy_config(state_store, steps=8)
