@@ -29,3 +29,13 @@ def choose(kind: str, name: str, choices: Iterable[str]) -> str:
     raise UserError(
         f"Unknown {kind} '{name}'.{did_you_mean(name, options)} Valid choices: {', '.join(options)}."
     )
+
+
+def reject_unknown_options(who: str, given: Iterable[str], known: Iterable[str]) -> None:
+    """Raise a UserError for the first of ``given`` not in ``known``: "<who> got an unknown option 'x'"."""
+    valid = sorted(known)
+    for key in given:
+        if key not in valid:
+            raise UserError(
+                f"{who} got an unknown option {key!r}.{did_you_mean(key, valid)} Valid options: {', '.join(valid)}."
+            )

@@ -37,7 +37,7 @@ import mujoco
 import numpy as np
 from gymnasium import spaces
 
-from dreamrt.errors import UserError, choose, did_you_mean
+from dreamrt.errors import UserError, choose, reject_unknown_options
 from dreamrt.sim import ik, panda, protocol, scene
 from dreamrt.sim.render import CameraRig, CameraSpec, strip_size
 from dreamrt.sim.state import BLOCK_COLORS, SURFACES, BlockState, SceneState, SymbolicState
@@ -128,13 +128,7 @@ class CalvinStyleEnv(gym.Env):
         if config is not None and overrides:
             raise UserError("CalvinStyleEnv: pass either an EnvConfig or keyword options, not both.")
         if config is None:
-            known = {f.name for f in fields(EnvConfig)}
-            for key in overrides:
-                if key not in known:
-                    raise UserError(
-                        f"CalvinStyleEnv got an unknown option {key!r}.{did_you_mean(key, known)} "
-                        f"Valid options: {', '.join(sorted(known))}."
-                    )
+            reject_unknown_options("CalvinStyleEnv", overrides, (f.name for f in fields(EnvConfig)))
             config = EnvConfig(**overrides)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise UserError(f"render_mode={render_mode!r} is not supported; use None or 'rgb_array'.")
@@ -340,12 +334,7 @@ class CalvinStyleEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         options = dict(options or {})
-        for key in options:
-            if key not in OPTION_KEYS:
-                raise UserError(
-                    f"reset() got an unknown option {key!r}.{did_you_mean(key, OPTION_KEYS)} "
-                    f"Valid options: {', '.join(OPTION_KEYS)}."
-                )
+        reject_unknown_options("reset()", options, OPTION_KEYS)
         sym = options.get("symbolic_state")
         if sym is None:
             sym = random_symbolic_state(self.np_random)

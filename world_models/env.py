@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from dreamrt.errors import UserError, did_you_mean
+from dreamrt.errors import UserError, did_you_mean, reject_unknown_options
 from dreamrt.world_models.sampling import FrameSamplerConfig, Rollout
 from dreamrt.world_models.tokenizer import images_to_tensor, tensor_to_images
 
@@ -141,12 +141,7 @@ class WorldModelEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         options = dict(options or {})
-        for key in options:
-            if key not in OPTION_KEYS:
-                raise UserError(
-                    f"reset() got an unknown option {key!r}.{did_you_mean(key, OPTION_KEYS)} "
-                    f"Valid options: {', '.join(OPTION_KEYS)}."
-                )
+        reject_unknown_options("reset()", options, OPTION_KEYS)
         episode = options.get("episode")
         if episode is None:
             episode = int(self._usable[self.np_random.integers(len(self._usable))])
