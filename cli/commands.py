@@ -148,6 +148,13 @@ COMMANDS: tuple[Command, ...] = (
         positional=("store",),
     ),
     Command(
+        name="distill world-model",
+        summary="Consistency-distil a trained world-model dynamics run into a 1-2 step student (teacher=RUN store=STORE).",
+        config="distill_world_model",
+        schema="dreamrt.world_models.distill:WorldModelDistillConfig",
+        job="dreamrt.world_models.distill:run",
+    ),
+    Command(
         name="bench world-model",
         summary="World-model frames/s per sampler, steps, KV cache and speculation, with PSNR/SSIM at horizons 1/4/16 vs repeating the last frame.",
         config="bench_world_model",

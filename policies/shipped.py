@@ -60,7 +60,7 @@ def shipped_checkpoint(name: str) -> Path:
             return d / name
     available = sorted({p.name for d in searched if d.is_dir() for p in d.iterdir() if p.is_dir()})
     raise UserError(
-        f"The shipped policy checkpoint '{name}' is not in this installation (looked in "
+        f"The shipped checkpoint '{name}' is not in this installation (looked in "
         f"{', '.join(str(d) for d in searched)}"
         f"{'; shipped here: ' + ', '.join(available) if available else ''}). "
         "Pass a checkpoint directory instead with policy.path=DIR (a `dreamrt train` or `dreamrt distill` run), "

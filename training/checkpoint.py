@@ -362,8 +362,11 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """Accept a checkpoint directory, a run directory or its ``checkpoints/`` folder; return the checkpoint."""
-    path = Path(path)
+    """Accept a checkpoint directory, a run directory or its ``checkpoints/`` folder, or ``shipped:<name>``
+    (a checkpoint that ships with dreamrt); return the checkpoint."""
+    from dreamrt.policies.shipped import resolve_policy_path
+
+    path = Path(resolve_policy_path(str(path)))
     if (path / META_FILE).is_file():
         return path
     run_dir = path.parent if path.name == CHECKPOINTS_DIR else path

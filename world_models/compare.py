@@ -103,7 +103,7 @@ def run(cfg: CompareWorldModelConfig, out_dir: Path) -> JobResult:
     rows = [
         {
             "horizon": h,
-            **{f"{who}_{m}": q[f"{who}_{m}_h{h}"] for who in ("model", "repeat_last", "tokenizer") for m in ("psnr", "ssim")},
+            **{f"{who}_{m}": q[f"{who}_{m}_h{h}"] for who in ("model", "model_plain", "repeat_last", "tokenizer") for m in ("psnr", "ssim")},
         }
         for h in horizons
     ]  # fmt: skip
@@ -124,11 +124,13 @@ def run(cfg: CompareWorldModelConfig, out_dir: Path) -> JobResult:
             )
         )
     print(
-        f"{'horizon':>7} {'model PSNR':>10} {'SSIM':>6} {'repeat-last PSNR':>16} {'SSIM':>6} {'tokenizer PSNR':>14}"
+        f"{'horizon':>7} {'model PSNR':>10} {'SSIM':>6} {'plain decode':>12} {'repeat-last PSNR':>16} {'SSIM':>6} "
+        f"{'tokenizer PSNR':>14}"
     )
     for r in rows:
         print(
-            f"{r['horizon']:>7} {r['model_psnr']:>10.2f} {r['model_ssim']:>6.3f} {r['repeat_last_psnr']:>16.2f} "
+            f"{r['horizon']:>7} {r['model_psnr']:>10.2f} {r['model_ssim']:>6.3f} {r['model_plain_psnr']:>12.2f} "
+            f"{r['repeat_last_psnr']:>16.2f} "
             f"{r['repeat_last_ssim']:>6.3f} {r['tokenizer_psnr']:>14.2f}"
         )
     return JobResult(summary=summary)
@@ -152,6 +154,7 @@ def _write_strip(path, model, tok, data, start, context, horizons, sampler) -> P
             data.states[rows[:context]][None],
         )
         real, fake = [], []
+        detail = tok.detail(data.float_images(rows[context - 1][None]))
         for h in range(1, max(horizons) + 1):
             prev = rows[context + h - 2]
             z = rollout.step(
@@ -159,7 +162,7 @@ def _write_strip(path, model, tok, data, start, context, horizons, sampler) -> P
             )
             if h in horizons:
                 real.append(tensor_to_images(data.float_images(rows[context + h - 1][None]))[0])
-                fake.append(tensor_to_images(tok.decode(z).clamp(0, 1))[0])
+                fake.append(tensor_to_images(tok.decode(z, detail).clamp(0, 1))[0])
     grid = np.concatenate([np.concatenate(real, axis=1), np.concatenate(fake, axis=1)], axis=0)
     Image.fromarray(grid).save(path)
     return path

@@ -12,6 +12,7 @@ Dimensions: F frames held, E episodes, T clip length, B batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +66,55 @@ def load_frames(
         chunks.append((images_to_tensor(raw, image_size) * 255.0).round_().to(torch.uint8))
     lowdim = {k: np.asarray(store.read(k, 0, n), dtype=np.float32) for k in lowdim_keys or []}
     return EpisodeFrames(torch.cat(chunks), lowdim, ends.astype(np.int64))
+
+
+@dataclass
+class LatentEpisodes:
+    """Episodes with every frame encoded by a tokenizer and normalised actions / states: what the
+    dynamics model trains (and is distilled) on."""
+
+    frames: EpisodeFrames
+    latents: Tensor  # (F, C, h, w) normalised latents
+    actions: Tensor  # (F, A) normalised to [-1, 1]
+    states: Tensor  # (F, S); (F, 0) for actions-only models
+    normalizer: Any  # dreamrt.episodes.Normalizer of the action (and state) keys
+
+
+@torch.no_grad()
+def load_latent_episodes(
+    path: str,
+    tokenizer: Any,
+    *,
+    camera: str,
+    action_key: str,
+    state_key: str,
+    max_frames: int | None = None,
+    normalizer: dict[str, Any] | None = None,
+) -> LatentEpisodes:
+    """Read whole episodes (up to ``max_frames``), encode every frame with ``tokenizer`` and normalise
+    actions / states: min-max over the store's stats, or with a given normaliser dict (a trained
+    dynamics model's, so a student sees its teacher's units)."""
+    from dreamrt.episodes import Normalizer
+
+    lowdim = [action_key] + ([state_key] if state_key else [])
+    data = load_frames(path, camera, tokenizer.config.image_size, lowdim_keys=lowdim, max_frames=max_frames)
+    if normalizer is None:
+        norm = Normalizer.from_stats(open_store(path).stats, {k: "min_max" for k in lowdim})
+    else:
+        norm = Normalizer.from_dict(normalizer)
+    actions = torch.from_numpy(norm.normalize(action_key, data.lowdim[action_key])).float()
+    states = (
+        torch.from_numpy(norm.normalize(state_key, data.lowdim[state_key])).float()
+        if state_key
+        else torch.zeros(len(actions), 0)
+    )
+    latents = torch.cat(
+        [
+            tokenizer.encode(data.images(torch.arange(i, min(i + 256, len(data.frames)))))
+            for i in range(0, len(data.frames), 256)
+        ]
+    )
+    return LatentEpisodes(data, latents, actions, states, norm)
 
 
 class ClipIndex:

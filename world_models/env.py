@@ -9,7 +9,9 @@ otherwise drawn from the seed), encodes its frames ``start .. start + context - 
 prefills the model's KV cache with them and their recorded actions; the observation is the
 last of those real frames. ``step(action)`` takes a raw action (the store's units, e.g. the
 CALVIN-style env's 7-d relative action in [-1, 1]), normalises it like the training data,
-generates the next latent frame with the cached sampler and decodes it.
+generates the next latent frame with the cached sampler and decodes it, by default relative to
+the last real frame (``decode="relative"``: that frame plus the change the model predicts, see
+:meth:`~dreamrt.world_models.tokenizer.Tokenizer.detail`; ``"plain"`` decodes the latent alone).
 
 Observations: ``{camera: uint8 (S, S, 3)}`` at the tokenizer's resolution (e.g.
 ``observation.images.static`` at 64x64), so an image policy trained at that size runs in the
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from dreamrt.errors import UserError, did_you_mean, reject_unknown_options
+from dreamrt.errors import UserError, choose, did_you_mean, reject_unknown_options
 from dreamrt.world_models.sampling import FrameSamplerConfig, Rollout
 from dreamrt.world_models.tokenizer import images_to_tensor, tensor_to_images
 
@@ -56,6 +58,7 @@ class WorldModelEnv(gym.Env):
         context: int = 0,
         max_episode_steps: int | None = 200,
         hold_state: bool = False,
+        decode: str = "relative",
         render_mode: str | None = None,
     ):
         from dreamrt.episodes import Normalizer, open_store
@@ -80,6 +83,7 @@ class WorldModelEnv(gym.Env):
         if render_mode not in (None, "rgb_array"):
             raise UserError(f"render_mode={render_mode!r} is not supported; use None or 'rgb_array'.")
         self.render_mode = render_mode
+        self.decode = choose("WorldModelEnv decode", decode, ("relative", "plain"))
         self.store = open_store(store)
         keys = [camera, action_key] + ([state_key] if c.state_dim else [])
         for key in keys:
@@ -117,6 +121,7 @@ class WorldModelEnv(gym.Env):
         self.observation_space = spaces.Dict(OrderedDict(obs))
         self._rollout = Rollout(model, self.sampler, batch_size=1)
         self._frame: np.ndarray | None = None
+        self._detail: torch.Tensor | None = None  # decode="relative": the last real frame's detail
         self._state: np.ndarray | None = None
         self._steps = 0
 
@@ -170,6 +175,7 @@ class WorldModelEnv(gym.Env):
             self._state = raw_states[-1]
         with torch.no_grad():
             latents = self.tokenizer.encode(images)[None]  # (1, context, C, h, w)
+            self._detail = self.tokenizer.detail(images[-1:]) if self.decode == "relative" else None
         self._rollout.prefill(latents, actions.float()[None], states)
         self._frame = tensor_to_images(images[-1])
         self._steps = 0
@@ -190,7 +196,7 @@ class WorldModelEnv(gym.Env):
             s = torch.from_numpy(self.normalizer.normalize(self.state_key, self._state)).float()[None]
         with torch.inference_mode():
             z = self._rollout.step(a, s)  # (1, C, h, w)
-            self._frame = tensor_to_images(self.tokenizer.decode(z)[0])
+            self._frame = tensor_to_images(self.tokenizer.decode(z, self._detail)[0])
         self._steps += 1
         truncated = self.max_episode_steps is not None and self._steps >= self.max_episode_steps
         return self._observation(), 0.0, False, truncated, {"state_held": bool(self.state_key)}

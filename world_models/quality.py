@@ -176,7 +176,11 @@ def horizon_quality(
     batch_size: int = 32,
 ) -> dict[str, Any]:
     """PSNR / SSIM at each horizon for the model, for repeating the last context frame, and for the
-    tokenizer's reconstruction of the real frame; means over the clips starting at ``starts``."""
+    tokenizer's reconstruction of the real frame; means over the clips starting at ``starts``.
+    ``model`` decodes relative to the last real frame (:meth:`Tokenizer.detail`, what
+    ``WorldModelEnv`` shows), ``model_plain`` decodes the latents alone, and ``perfect_latents``
+    decodes the real frame's latent relative to the last real frame: the ceiling of a model
+    whose latent predictions were exact."""
     from dreamrt.world_models.sampling import Rollout
 
     h_max = max(horizons)
@@ -190,6 +194,7 @@ def horizon_quality(
         ctx = rows[:, :context]
         rollout.prefill(data.latents[ctx], data.actions[ctx], data.states[ctx])
         last_real = data.float_images(rows[:, context - 1])
+        detail = tokenizer.detail(last_real)
         for h in range(1, h_max + 1):
             prev = rows[:, context + h - 2]  # the frame whose action leads to the predicted one
             state = data.states[prev] if data.states.shape[1] else None
@@ -198,9 +203,17 @@ def horizon_quality(
                 continue
             truth_rows = rows[:, context + h - 1]
             truth = data.float_images(truth_rows)
-            pred = tokenizer.decode(z).clamp(0, 1)
-            recon = tokenizer.decode(data.latents[truth_rows]).clamp(0, 1)
-            for name, img in (("model", pred), ("repeat_last", last_real), ("tokenizer", recon)):
+            plain = tokenizer.decode(z)
+            pred = (plain + detail).clamp(0, 1)
+            recon = tokenizer.decode(data.latents[truth_rows])
+            candidates = (
+                ("model", pred),
+                ("model_plain", plain.clamp(0, 1)),
+                ("repeat_last", last_real),
+                ("tokenizer", recon.clamp(0, 1)),
+                ("perfect_latents", (recon + detail).clamp(0, 1)),  # the real latent, decoded relative
+            )
+            for name, img in candidates:
                 for metric, fn in (("psnr", _psnr), ("ssim", ssim)):
                     key = f"{name}_{metric}_h{h}"
                     sums[key] = sums.get(key, 0.0) + float(fn(img, truth).sum())
@@ -228,13 +241,17 @@ def timed_stream(
     speculate: int = 0,
     tolerance: float = 0.05,
     warmup: int = 3,
+    action_hold: int = 1,
 ) -> dict[str, float]:
     """Generate ``frames`` frames at batch 1 under the recorded actions from row ``start`` (decoding
     each accepted frame) and time it. ``kv_cache=False`` recomputes the window for every denoising
     step (:func:`generate_uncached`). ``speculate=k``: speculate k frames under the current action,
     accept while the recorded next actions stay within ``tolerance`` (max abs, normalised units) of
-    it, roll back the rest. Returns fps, ms per frame and, when speculating, the acceptance rate
-    (accepted / speculated frames) and frames per speculation."""
+    it, roll back the rest. ``action_hold=n`` turns the recorded stream into one whose actions
+    repeat: every n-th recorded action held for n frames (zero-order hold, what a controller
+    running at 1/n of the camera rate sends). Frames are decoded relative to the last real frame
+    (:meth:`Tokenizer.detail`), as the quality figures are. Returns fps, ms per frame and, when
+    speculating, the acceptance rate (accepted / speculated frames) and frames per speculation."""
     from dreamrt.world_models.dynamics import FrameCond, frame_conditions
     from dreamrt.world_models.sampling import Rollout, context_frames, generate_uncached
 
@@ -243,8 +260,12 @@ def timed_stream(
         raise UserError(
             f"The stream needs {total} frames from row {start}; the store has {len(data.latents)}."
         )
+    if action_hold < 1:
+        raise UserError(f"action_hold must be >= 1, got {action_hold}.")
     rows = torch.arange(start, start + total)
-    lat, act, st = data.latents[rows][None], data.actions[rows][None], data.states[rows][None]
+    held = start + (torch.arange(total) // action_hold) * action_hold
+    lat, act, st = data.latents[rows][None], data.actions[held][None], data.states[rows][None]
+    detail = tokenizer.detail(data.float_images(rows[context - 1 : context]))
     has_state = st.shape[-1] > 0
     window = model.config.window
 
@@ -258,7 +279,7 @@ def timed_stream(
             )
             t0 = time.perf_counter()
             z, new = generate_uncached(model, ctx[-(window - 1) :], cond, sampler)
-            tokenizer.decode(z[:, 0])
+            tokenizer.decode(z[:, 0], detail)
             times.append(time.perf_counter() - t0)
             ctx = ctx[-(window - 1) :] + new
         return _timing(times[warmup:], 1)
@@ -280,14 +301,14 @@ def timed_stream(
             while m < k_now and float((act[0, pos + m] - act[0, pos]).abs().max()) <= tolerance:
                 m += 1
             rollout.accept(m)
-            tokenizer.decode(zs[0, :m])
+            tokenizer.decode(zs[0, :m], detail.expand(m, -1, -1, -1))
             if t_start is not None:
                 speculations += 1
                 speculated += k_now
                 accepted_total += m
         else:
             z = rollout.step(a, s)
-            tokenizer.decode(z)
+            tokenizer.decode(z, detail)
             m = 1
         pos += m
         produced += m

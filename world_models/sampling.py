@@ -64,6 +64,10 @@ class FrameSamplerConfig:
     shift: float = 1.0  # > 1 spends more steps at high noise: t' = s t / (1 + (s - 1) t)
     timesteps: list[float] | None = None  # explicit evaluation times, decreasing in (0, 1]
     context_noise: float = 0.0  # tc: noise level of generated frames when they become context
+    # Scale of the starting (and re-noising) noise: 1 samples the model's distribution; 0 starts
+    # every frame at the source's mean (the last frame, for source="last_frame" models), which keeps
+    # sampling noise from accumulating over long rollouts.
+    temperature: float = 1.0
     kv_write: str = "fused"  # "fused" | "clean_pass" (see the module docstring)
     seed: int = 0
 
@@ -81,6 +85,8 @@ class FrameSamplerConfig:
                 )
         if self.shift <= 0:
             raise UserError(f"FrameSamplerConfig.shift must be > 0, got {self.shift}.")
+        if not 0.0 <= self.temperature <= 1.0:
+            raise UserError(f"FrameSamplerConfig.temperature must be in [0, 1], got {self.temperature}.")
         if not 0.0 <= self.context_noise < 1.0:
             raise UserError(f"FrameSamplerConfig.context_noise must be in [0, 1), got {self.context_noise}.")
 
@@ -105,10 +111,23 @@ def frame_noise(
 Velocity = Callable[[Tensor, float, int], Tensor]  # (x (B, k, C, gh, gw), t, step index) -> v
 
 
-def denoise(velocity: Velocity, noise: Tensor, frames: Sequence[int], cfg: FrameSamplerConfig) -> Tensor:
-    """Run the solver from ``noise`` (B, k, C, gh, gw) at t = 1 to t = 0; return x_0 estimates."""
+def denoise(
+    velocity: Velocity,
+    noise: Tensor,
+    frames: Sequence[int],
+    cfg: FrameSamplerConfig,
+    start: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Run the solver from t = 1 to t = 0 and return x_0 estimates (B, k, C, gh, gw). The flow starts
+    at ``start(noise)`` (default: the noise itself; see :func:`flow_start`), and the ``x0`` solver
+    re-noises towards ``start`` of fresh noise."""
+    flow = start or (lambda eps: eps)
     times = sampling_times(cfg)
-    x = noise
+
+    def start(eps: Tensor) -> Tensor:
+        return flow(eps * cfg.temperature)
+
+    x = start(noise)
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         v = velocity(x, t, i)
         if cfg.solver == "euler":
@@ -123,29 +142,41 @@ def denoise(velocity: Velocity, noise: Tensor, frames: Sequence[int], cfg: Frame
                     ],
                     dim=1,
                 )
-                x = (1 - t_next) * x0 + t_next * fresh
+                x = (1 - t_next) * x0 + t_next * start(fresh)
             else:
                 x = x0
     return x
 
 
+def flow_start(model: NextFrameDiT, anchor: Tensor) -> Callable[[Tensor], Tensor]:
+    """Where the model's flow starts for new frames, given the last clean frame ``anchor`` (B, C, gh, gw):
+    noise (``source="noise"``) or ``anchor + source_sigma * noise`` (``source="last_frame"``)."""
+    c = model.config
+    if c.source == "noise":
+        return lambda eps: eps
+    return lambda eps: anchor.unsqueeze(1) + c.source_sigma * eps
+
+
 @dataclass(frozen=True)
 class ContextFrame:
-    """A frame as later frames see it: its input ``x`` (B, C, gh, gw) at noise level ``t``, and its condition."""
+    """A frame as later frames see it: its input ``x`` (B, C, gh, gw) at noise level ``t``, its
+    condition, and its clean latent (the anchor of the frames generated after it)."""
 
     index: int
     x: Tensor
     t: float
     cond: FrameCond  # (B, 1, ...)
+    clean: Tensor
 
 
 def to_context(x0: Tensor, index: int, cond: FrameCond, cfg: FrameSamplerConfig) -> ContextFrame:
     """A clean latent (B, C, gh, gw) -> its context form with ``cfg.context_noise`` added."""
     tc = cfg.context_noise
+    x = x0
     if tc > 0:
         eps = frame_noise(cfg.seed, index, _CONTEXT_NOISE, x0.shape, x0.device, x0.dtype)
-        x0 = (1 - tc) * x0 + tc * eps
-    return ContextFrame(index, x0, tc, cond)
+        x = (1 - tc) * x0 + tc * eps
+    return ContextFrame(index, x, tc, cond, x0)
 
 
 def context_frames(
@@ -223,7 +254,8 @@ def generate_uncached(
         ts = torch.cat([ctx_t, torch.full((x.shape[0], k), t, dtype=x.dtype, device=x.device)], 1)
         return model(torch.cat([ctx_x, x], 1), ts, all_cond, frame_index=index)[:, -k:]
 
-    x0 = denoise(velocity, _initial_noise(cfg, frames, ctx_x[:, 0]), frames, cfg)
+    start = flow_start(model, context[-1].clean)
+    x0 = denoise(velocity, _initial_noise(cfg, frames, ctx_x[:, 0]), frames, cfg, start)
     new = [to_context(x0[:, i], f, cond.frames(i, i + 1), cfg) for i, f in enumerate(frames)]
     return x0, new
 
@@ -386,7 +418,8 @@ class Rollout:
                 return model.forward_cached(xs, ts, fused_cond, fused_index, cache, fused_slots)[:, -k:]
             return model.forward_cached(x, tk, cond, index, cache, slots)
 
-        x0 = denoise(velocity, _initial_noise(cfg, frames, like), frames, cfg)
+        anchor = self.context[max(self.context)].clean  # the last accepted frame (nothing is pending)
+        x0 = denoise(velocity, _initial_noise(cfg, frames, like), frames, cfg, flow_start(model, anchor))
         new = [to_context(x0[:, i], f, cond.frames(i, i + 1), cfg) for i, f in enumerate(frames)]
         if cfg.kv_write == "clean_pass":
             x, t, nc, _ = _stack(new)

@@ -113,8 +113,9 @@ def test_cache_rollback_and_snapshot_are_exact():
     ],
     ids=["euler-fused", "euler-clean-pass", "x0-2-step-fused"],
 )
-def test_cached_generation_matches_uncached(sampler):
-    model = _model()  # tiny: window 4, so the cache rolls within the 7 generated frames
+@pytest.mark.parametrize("source", ["noise", "last_frame"])
+def test_cached_generation_matches_uncached(sampler, source):
+    model = _model(source=source)  # tiny: window 4, so the cache rolls within the 7 generated frames
     latents, actions, states = _context(model)
     rollout = Rollout(model, sampler, batch_size=B, max_speculation=3)
     rollout.prefill(latents, actions, states)
@@ -220,3 +221,31 @@ def test_sampler_config():
         FrameSamplerConfig(timesteps=[0.5, 0.9])
     with pytest.raises(UserError, match="Did you mean 'euler'"):
         FrameSamplerConfig(solver="eular")
+
+
+def test_last_frame_source_starts_the_flow_at_the_last_clean_frame():
+    # adaLN-Zero: a fresh model predicts zero velocity, so a frame ends where its flow starts.
+    model = NextFrameDiT(
+        preset("tiny", action_dim=3, state_dim=2, source="last_frame", source_sigma=0.25)
+    ).eval()
+    latents, actions, states = _context(model)
+    rollout = Rollout(model, FrameSamplerConfig(steps=2, context_noise=0.1), batch_size=B)
+    rollout.prefill(latents, actions, states)
+    frame = rollout.step(torch.zeros(B, 3), torch.zeros(B, 2))
+    offset = frame - latents[:, -1]  # the clean latent, not its noised context form
+    assert abs(float(offset.std()) - 0.25) < 0.05 and abs(float(offset.mean())) < 0.05
+    # The next frame starts from the generated one.
+    following = rollout.step(torch.zeros(B, 3), torch.zeros(B, 2))
+    assert abs(float((following - frame).std()) - 0.25) < 0.05
+
+
+def test_temperature_zero_starts_at_the_source_mean():
+    model = NextFrameDiT(
+        preset("tiny", action_dim=3, state_dim=2, source="last_frame")
+    ).eval()  # zero velocity
+    latents, actions, states = _context(model)
+    rollout = Rollout(model, FrameSamplerConfig(steps=2, temperature=0.0), batch_size=B)
+    rollout.prefill(latents, actions, states)
+    assert torch.equal(rollout.step(torch.zeros(B, 3), torch.zeros(B, 2)), latents[:, -1])
+    with pytest.raises(UserError, match="temperature"):
+        FrameSamplerConfig(temperature=1.5)

@@ -168,7 +168,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_loss_ignores_context_frames():
-    model = _model()
+    model = _model(source="noise")  # diffusion forcing: context frames drawn per frame
     x, _, cond = _inputs(model, t=4)
     all_context = FlowMatchingConfig(context_prob=0.999999, context_loss_weight=0.0)
     loss, info = flow_matching_loss(model, x, cond, all_context, torch.Generator().manual_seed(0))
@@ -177,7 +177,8 @@ def test_loss_ignores_context_frames():
     assert float(loss.detach()) > 0.0
 
 
-def test_tiny_model_overfits_a_synthetic_clip():
+@pytest.mark.parametrize("source", ["noise", "last_frame"])
+def test_tiny_model_overfits_a_synthetic_clip(source):
     # Latent-space toy: a one-cell square on a 4x4 grid moves by the action (in {-1, 0, 1}^2).
     square = MovingSquareConfig(
         image_size=4, square=1, speed=1, discrete=True, hold=1, action_dim=2, state_dim=2
@@ -189,9 +190,9 @@ def test_tiny_model_overfits_a_synthetic_clip():
     assert (x[:, -1] != x[:, -2]).any(), "the square must move in some clip"
 
     torch.manual_seed(0)
-    model = NextFrameDiT(preset("tiny", action_dim=2, state_dim=2, latent_channels=3))
+    model = NextFrameDiT(preset("tiny", action_dim=2, state_dim=2, latent_channels=3, source=source))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    flow = FlowMatchingConfig(p_uncond=0.0)
+    flow = FlowMatchingConfig(p_uncond=0.0, max_targets=2)
     cond = frame_conditions(a.repeat(2, 1, 1), s.repeat(2, 1, 1))
     losses = []
     for _ in range(250):
@@ -208,3 +209,18 @@ def test_tiny_model_overfits_a_synthetic_clip():
     mse = (pred - x[:, -1]).pow(2).mean()
     copy_last = (x[:, -2] - x[:, -1]).pow(2).mean()
     assert mse < 0.75 * copy_last, (float(mse), float(copy_last))
+
+
+def test_last_frame_models_train_in_the_generation_layout():
+    model = _model(source="last_frame")
+    x, _, cond = _inputs(model, b=64, t=5)
+    _, info = flow_matching_loss(
+        model, x, cond, FlowMatchingConfig(max_targets=1), torch.Generator().manual_seed(0)
+    )
+    assert info["context_frames"] == pytest.approx(4 / 5)  # exactly one target per clip: the last frame
+    _, info = flow_matching_loss(
+        model, x, cond, FlowMatchingConfig(max_targets=4), torch.Generator().manual_seed(0)
+    )
+    assert 1 / 5 <= info["context_frames"] <= 4 / 5
+    with pytest.raises(UserError, match="max_targets"):
+        flow_matching_loss(model, x, cond, FlowMatchingConfig(max_targets=5))

@@ -94,7 +94,7 @@ def test_bench_trained_rows(trained):
     )
     summary = bench.run(cfg).summary
     rows = summary["rows"]
-    assert [r["sampler"] for r in rows] == ["euler", "euler", "x0", "repeat_last_frame"]
+    assert [r["sampler"] for r in rows] == ["euler", "euler", "x0", "repeat_last_frame", "real_latents"]
     for r in rows[:3]:
         assert (
             r["fps"] > 0 and 0 < r["peak_fraction"] and -1 <= r["ssim_h4"] <= 1 and np.isfinite(r["psnr_h1"])
@@ -104,6 +104,8 @@ def test_bench_trained_rows(trained):
     assert rows[0]["psnr_h4"] == rows[1]["psnr_h4"] and rows[0]["dynamics_gflop"] > rows[1]["dynamics_gflop"]
     assert rows[2]["acceptance_rate"] == 1.0 and rows[2]["frames_per_speculation"] == 3.0
     assert rows[3]["fps"] is None and rows[3]["psnr_h1"] > 0
+    # The ceiling decodes real latents relative to the last real frame: plain, it is the tokenizer.
+    assert rows[4]["psnr_plain_h1"] == pytest.approx(summary["tokenizer_psnr"], abs=1.0)
     assert (
         summary["held_out_episodes"]
         == json.loads((run_dir / "dynamics" / "summary.json").read_text())["val_episodes"]
@@ -223,3 +225,112 @@ def test_eval_data_of_chosen_episodes(trained):
     torch.testing.assert_close(part.latents, full.latents[rows])
     with pytest.raises(UserError, match="not a non-empty list of episodes"):
         load_eval_data(str(store), tok, normalizer, episodes=[7], **keys)
+
+
+def test_speculation_accepts_every_frame_of_a_stream_whose_actions_repeat(trained):
+    store, run_dir, _ = trained
+    from dreamrt.world_models.quality import load_eval_data, timed_stream
+    from dreamrt.world_models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(run_dir / "tokenizer")
+    model, normalizer = load_dynamics(run_dir / "dynamics")
+    data = load_eval_data(
+        str(store), tok, normalizer, camera="observation.images.static", action_key="action", state_key=""
+    )
+    # Context 3: the first speculation starts at row 2, the last of the first held block of 3;
+    # after it (warm-up) every speculation starts on a block and all 3 frames match exactly.
+    out = timed_stream(
+        model, tok, data, 0, 9, FrameSamplerConfig(steps=1), context=3, speculate=3, tolerance=1e-6,
+        warmup=1, action_hold=3,
+    )  # fmt: skip
+    assert out["frames_per_speculation"] == 3.0 and out["acceptance_rate"] == 1.0
+    with pytest.raises(UserError, match="action_hold"):
+        timed_stream(model, tok, data, 0, 4, FrameSamplerConfig(steps=1), context=3, action_hold=0)
+
+
+@pytest.fixture(scope="module")
+def distilled(trained, tmp_path_factory):
+    """The trained fixture's dynamics distilled for a few steps by the job: (run dir, summary)."""
+    from dreamrt.world_models.distill import WorldModelDistillConfig
+    from dreamrt.world_models.distill import run as distill_run
+
+    store, run_dir, _ = trained
+    out = tmp_path_factory.mktemp("wmdistill") / "student"
+    cfg = WorldModelDistillConfig(
+        teacher=str(run_dir / "dynamics"),
+        store=str(store),
+        teacher_steps=4,
+        clip_frames=5,
+        max_targets=2,
+        eval_clips=4,
+        val_ratio=0.2,
+        optim=OptimConfig(steps=4, batch_size=4, warmup_steps=1, log_every=2, save_every=2),
+    )
+    return out, distill_run(cfg, out).summary, cfg
+
+
+def test_distill_world_model_job(trained, distilled):
+    import dataclasses
+
+    from dreamrt.world_models.distill import run as distill_run
+
+    store, run_dir, _ = trained
+    out, summary, cfg = distilled
+    student, student_norm = load_dynamics(out)
+    teacher, teacher_norm = load_dynamics(run_dir / "dynamics")
+    assert student.config == teacher.config and student_norm == teacher_norm
+    assert summary["steps"] == 4 and summary["tokenizer"] == str(run_dir / "tokenizer")
+    assert set(summary["evaluation"]) == {
+        "teacher",
+        "student_1_step",
+        "student_2_steps",
+        "teacher_weights_1_step",
+    }
+    for figures in summary["evaluation"].values():
+        assert figures["eval_psnr_db_relative"] > 0 and figures["eval_latent_mse"] >= 0
+    moved = [
+        not torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values())
+    ]
+    assert any(moved)
+    # Rerunning with more steps resumes from the last checkpoint.
+    resumed = distill_run(
+        dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, steps=6)), out
+    ).summary
+    assert resumed["steps"] == 6
+    # Another split would train on the teacher's held-out episodes; other teacher weights are refused.
+    with pytest.raises(UserError, match="held out"):
+        distill_run(dataclasses.replace(cfg, val_ratio=0.5), out.parent / "other_split")
+    with pytest.raises(UserError, match="other weights"):
+        distill_run(dataclasses.replace(cfg, teacher=str(out)), out)
+
+
+def test_bench_default_rows_with_a_student(trained, distilled):
+    store, run_dir, _ = trained
+    cfg = bench.BenchWorldModelConfig(
+        tokenizer=str(run_dir / "tokenizer"),
+        dynamics=str(run_dir / "dynamics"),
+        student=str(distilled[0]),
+        store=str(store),
+        horizons=[1, 2],
+        frames=8,
+        warmup=1,
+    )
+    rows = bench.run(cfg).summary["rows"]
+    by_name = {r["name"]: r for r in rows}
+    assert {r["model"] for r in rows[:-2]} == {"teacher", "student"}
+    held = by_name["student + spec., held actions"]
+    assert held["action_hold"] == 4 and held["speculative"] == 4
+    # Speedups compare with the same configuration without speculation, from the same run.
+    assert held["speedup"] == pytest.approx(held["fps"] / by_name["student, held actions"]["fps"])
+    assert by_name["student + speculation"]["speedup"] > 0
+    # Held actions repeat exactly, so speculation keeps more frames than on the recorded stream.
+    assert held["acceptance_rate"] > by_name["student + speculation"]["acceptance_rate"]
+    for r in rows:
+        assert r["psnr_plain_h1"] > 0
+    with pytest.raises(UserError, match="student=RUN"):
+        bench.BenchWorldModelConfig(
+            tokenizer="t",
+            dynamics="d",
+            store="s",
+            configs=[bench.BenchRowConfig("s", "x0", 1, model="student")],
+        )

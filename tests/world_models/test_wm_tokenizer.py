@@ -32,7 +32,7 @@ def test_round_trip_shapes():
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         z = small.encode(images)
-        assert z.shape == (2, 4, 8, 8)
+        assert z.shape == (2, 8, 8, 8)
         assert small.decode(z).shape == (2, 3, 64, 64)
     tiny = Tokenizer(preset("tiny")).eval()
     with torch.no_grad():
@@ -106,3 +106,19 @@ def test_config_validation():
         TokenizerConfig(channels=[30, 60])
     with pytest.raises(UserError, match="Did you mean 'small'"):
         preset("smal")
+
+
+def test_relative_decoding_restores_the_reference_and_adds_only_the_predicted_change():
+    torch.manual_seed(0)
+    tok = Tokenizer(preset("tiny")).eval()
+    frames = _frames(4)
+    with torch.no_grad():
+        z = tok.encode(frames)
+        detail = tok.detail(frames[:1])
+        # The reference frame's own latent decodes to the real frame, to float precision...
+        assert torch.allclose(tok.decode(z[:1], detail), frames[:1], atol=1e-6)
+        # ...and another latent to the real frame plus the change between the two decodes.
+        later = tok.decode(z[3:4], detail)
+        expected = frames[:1] + tok.decode(z[3:4]) - tok.decode(z[:1])
+        assert torch.allclose(later, expected, atol=1e-6)
+        assert not torch.allclose(later, frames[:1], atol=1e-3)

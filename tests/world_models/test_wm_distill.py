@@ -1,0 +1,76 @@
+"""Consistency distillation of the dynamics model: the objective on a tiny model, and the job."""
+
+import pytest
+import torch
+
+from dreamrt.errors import UserError
+from dreamrt.world_models.distill import WorldModelDistillConfig, consistency_loss
+from dreamrt.world_models.dynamics import FrameCond, NextFrameDiT, preset
+from dreamrt.world_models.sampling import FrameSamplerConfig, context_frames, generate_uncached
+
+
+def _teacher() -> NextFrameDiT:
+    """A tiny model whose velocity field is far from zero (adaLN-Zero starts it at exactly zero)."""
+    torch.manual_seed(0)
+    model = NextFrameDiT(preset("tiny", action_dim=2, state_dim=0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.15 * torch.randn_like(p))
+    return model.eval().requires_grad_(False)
+
+
+def _clips(b: int, t: int, seed: int) -> tuple[torch.Tensor, FrameCond]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(b, 1, 4, 4, 4, generator=g)
+    latents = base + 0.1 * torch.randn(b, t, 4, 4, 4, generator=g).cumsum(1)  # slowly changing frames
+    actions = torch.rand(b, t, 2, generator=g) * 2 - 1
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[:, 0] = False
+    return latents, FrameCond(actions.roll(1, 1), torch.zeros(b, t, 0), valid)
+
+
+def _pick(cond: FrameCond, i: int, lo: int, hi: int) -> FrameCond:
+    return FrameCond(
+        cond.actions[i : i + 1, lo:hi], cond.states[i : i + 1, lo:hi], cond.valid[i : i + 1, lo:hi]
+    )
+
+
+def _gap_to_teacher(student: NextFrameDiT, teacher: NextFrameDiT, latents, cond) -> float:
+    """Mean squared distance between the student's 1-step frame and the teacher's 8-step Euler frame,
+    generated after 3 context frames with the same noise."""
+    gaps = []
+    for i in range(latents.shape[0]):
+        ctx = context_frames(latents[i : i + 1, :3], _pick(cond, i, 0, 3), FrameSamplerConfig())
+        nxt = _pick(cond, i, 3, 4)
+        ref, _ = generate_uncached(teacher, ctx, nxt, FrameSamplerConfig(steps=8, seed=i))
+        got, _ = generate_uncached(student, ctx, nxt, FrameSamplerConfig(solver="x0", steps=1, seed=i))
+        gaps.append(float((got - ref).pow(2).mean()))
+    return sum(gaps) / len(gaps)
+
+
+def test_consistency_distillation_brings_one_step_frames_to_the_teachers():
+    teacher = _teacher()
+    student = NextFrameDiT(teacher.config)
+    student.load_state_dict(teacher.state_dict())
+    cfg = WorldModelDistillConfig(teacher="t", store="s", teacher_steps=8, clip_frames=4, max_targets=2)
+    test_latents, test_cond = _clips(8, 4, seed=123)
+    before = _gap_to_teacher(student.eval(), teacher, test_latents, test_cond)
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    student.train()
+    for step in range(250):
+        latents, cond = _clips(16, 4, seed=step)
+        loss, info = consistency_loss(student, teacher, latents, cond, cfg, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert 1 <= info["targets_per_clip"] <= 2
+    after = _gap_to_teacher(student.eval(), teacher, test_latents, test_cond)
+    assert after < 0.2 * before, (before, after)
+
+
+def test_distill_config_errors():
+    with pytest.raises(UserError, match="max_targets"):
+        WorldModelDistillConfig(teacher="t", store="s", clip_frames=4, max_targets=4)
+    with pytest.raises(UserError, match="teacher_steps"):
+        WorldModelDistillConfig(teacher="t", store="s", teacher_steps=0)
