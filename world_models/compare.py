@@ -41,7 +41,8 @@ class CompareWorldModelConfig:
     horizons: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
     clips_per_episode: int = 4
     context: int = 0  # real frames before generation; 0: the model's window - 1
-    sampler: FrameSamplerConfig = field(default_factory=lambda: FrameSamplerConfig(steps=4))
+    # temperature 0: measured better over long rollouts (docs/world_models.md, "The shipped model").
+    sampler: FrameSamplerConfig = field(default_factory=lambda: FrameSamplerConfig(steps=4, temperature=0.0))
     image: bool = True  # write comparison.png
     threads: int = 0
 

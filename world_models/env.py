@@ -95,7 +95,7 @@ class WorldModelEnv(gym.Env):
         self.camera, self.action_key = camera, action_key
         self.state_key = state_key if c.state_dim else ""
         self.normalizer = Normalizer.from_dict(normalizer)
-        self.sampler = sampler or FrameSamplerConfig(steps=4)
+        self.sampler = sampler or FrameSamplerConfig(steps=4, temperature=0.0)
         self.context = context or c.window - 1
         if not 1 <= self.context:
             raise UserError(f"context must be >= 1 frame, got {self.context}.")
