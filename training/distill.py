@@ -381,7 +381,7 @@ def distill(cfg: DistillConfig, out_dir: str | os.PathLike[str]) -> tuple[TrainR
         )
     out_dir = Path(out_dir)
     teacher = load_diffusion_policy(cfg.teacher)
-    _check_teacher_identity(cfg.teacher, out_dir, resuming=cfg.resume is not None)
+    check_teacher_identity(cfg.teacher, out_dir, resuming=cfg.resume is not None)
     tc = teacher.config
     store = open_store(cfg.dataset.path)
     _check_store(store, teacher)
@@ -460,8 +460,9 @@ def _teacher_identity(path: str) -> dict[str, Any]:
     return {"path": str(checkpoint), "step": meta.step, "model_sha256": meta.files[MODEL_FILE]}
 
 
-def _check_teacher_identity(path: str, out_dir: Path, *, resuming: bool) -> None:
-    """Write ``<run>/teacher.json``; when resuming, refuse a teacher with other weights than the saved run's."""
+def check_teacher_identity(path: str, out_dir: Path, *, resuming: bool) -> None:
+    """Write ``<run>/teacher.json``; when resuming, refuse a teacher with other weights than the saved run's.
+    Any checkpoint kind (the world model's distillation uses it too)."""
     identity = _teacher_identity(path)
     record = out_dir / TEACHER_FILE
     if resuming and record.is_file():

@@ -94,14 +94,24 @@ def load_latent_episodes(
     """Read whole episodes (up to ``max_frames``), encode every frame with ``tokenizer`` and normalise
     actions / states: min-max over the store's stats, or with a given normaliser dict (a trained
     dynamics model's, so a student sees its teacher's units)."""
-    from dreamrt.episodes import Normalizer
-
     lowdim = [action_key] + ([state_key] if state_key else [])
     data = load_frames(path, camera, tokenizer.config.image_size, lowdim_keys=lowdim, max_frames=max_frames)
     if normalizer is None:
-        norm = Normalizer.from_stats(open_store(path).stats, {k: "min_max" for k in lowdim})
-    else:
-        norm = Normalizer.from_dict(normalizer)
+        from dreamrt.episodes import Normalizer
+
+        normalizer = Normalizer.from_stats(open_store(path).stats, {k: "min_max" for k in lowdim}).to_dict()
+    return encode_episodes(data, tokenizer, action_key=action_key, state_key=state_key, normalizer=normalizer)
+
+
+@torch.no_grad()
+def encode_episodes(
+    data: EpisodeFrames, tokenizer: Any, *, action_key: str, state_key: str, normalizer: dict[str, Any]
+) -> LatentEpisodes:
+    """Frames in memory -> :class:`LatentEpisodes`: every frame encoded, actions / states normalised
+    with the normaliser dict."""
+    from dreamrt.episodes import Normalizer
+
+    norm = Normalizer.from_dict(normalizer)
     actions = torch.from_numpy(norm.normalize(action_key, data.lowdim[action_key])).float()
     states = (
         torch.from_numpy(norm.normalize(state_key, data.lowdim[state_key])).float()

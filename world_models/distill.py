@@ -192,7 +192,10 @@ def run(cfg: WorldModelDistillConfig, out_dir: Path) -> JobResult:
             student, teacher, latents[rows], frame_conditions(actions[rows], states[rows]), cfg
         )
 
-    _record_teacher(cfg.teacher, out_dir)
+    from dreamrt.training.checkpoint import latest_checkpoint
+    from dreamrt.training.distill import check_teacher_identity
+
+    check_teacher_identity(cfg.teacher, out_dir, resuming=latest_checkpoint(out_dir) is not None)
     step, logged = _fit(student, cfg, out_dir, DYNAMICS_KIND, loss_fn, lambda m: None, normalizer)
 
     def one_step(model: NextFrameDiT, sampler: FrameSamplerConfig) -> dict[str, float]:
@@ -243,23 +246,3 @@ def _teacher_summary(path: str) -> dict[str, Any]:
         if candidate.is_file():
             return json.loads(candidate.read_text())
     return {}
-
-
-def _record_teacher(teacher: str, out_dir: Path) -> None:
-    """teacher.json names the distilled teacher's weights; resuming a run from other weights is refused."""
-    import hashlib
-
-    from dreamrt.training.checkpoint import load_checkpoint
-
-    weights = load_checkpoint(teacher, kind=DYNAMICS_KIND).path / "model.safetensors"
-    identity = {"teacher": str(teacher), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
-    path = out_dir / "teacher.json"
-    if path.is_file():
-        recorded = json.loads(path.read_text())
-        if recorded.get("sha256") != identity["sha256"]:
-            raise UserError(
-                f"{out_dir} distils the teacher {recorded.get('teacher')} (other weights than {teacher}); resume "
-                f"with that teacher or distil into a new --out directory."
-            )
-        return
-    path.write_text(json.dumps(identity, indent=1) + "\n")

@@ -86,8 +86,7 @@ def load_eval_data(
 ) -> EvalData:
     """Read ``store`` (only ``episodes``, renumbered 0.., when given) into memory and encode every
     frame; actions / states normalised with the dynamics checkpoint's normaliser."""
-    from dreamrt.episodes import Normalizer
-    from dreamrt.world_models.data import load_frames
+    from dreamrt.world_models.data import encode_episodes, load_frames
 
     lowdim = [action_key] + ([state_key] if state_key else [])
     if episodes is None:
@@ -96,20 +95,10 @@ def load_eval_data(
         )
     else:
         data = _load_episodes(store, camera, tokenizer.config.image_size, lowdim, episodes)
-    norm = Normalizer.from_dict(normalizer)
-    actions = torch.from_numpy(norm.normalize(action_key, data.lowdim[action_key])).float()
-    states = (
-        torch.from_numpy(norm.normalize(state_key, data.lowdim[state_key])).float()
-        if state_key
-        else torch.zeros(len(actions), 0)
+    encoded = encode_episodes(
+        data, tokenizer, action_key=action_key, state_key=state_key, normalizer=normalizer
     )
-    latents = torch.cat(
-        [
-            tokenizer.encode(data.images(torch.arange(i, min(i + 256, len(data.frames)))))
-            for i in range(0, len(data.frames), 256)
-        ]
-    )
-    return EvalData(data.frames, latents, actions, states, data.episode_ends)
+    return EvalData(data.frames, encoded.latents, encoded.actions, encoded.states, data.episode_ends)
 
 
 def _load_episodes(path: str, camera: str, image_size: int, lowdim: list[str], episodes: list[int]) -> Any:

@@ -115,16 +115,25 @@ def test_bench_trained_rows(trained):
         bench.BenchWorldModelConfig(dynamics=str(run_dir / "dynamics"))
 
 
-def test_speculation_rejects_changing_actions(trained):
-    store, run_dir, _ = trained
-    from dreamrt.world_models.quality import load_eval_data, timed_stream
+@pytest.fixture(scope="module")
+def stream(trained):
+    """The trained fixture's tokenizer, dynamics model and its store read for timed streams."""
+    from dreamrt.world_models.quality import load_eval_data
     from dreamrt.world_models.tokenizer import load_tokenizer
 
+    store, run_dir, _ = trained
     tok = load_tokenizer(run_dir / "tokenizer")
     model, normalizer = load_dynamics(run_dir / "dynamics")
     data = load_eval_data(
         str(store), tok, normalizer, camera="observation.images.static", action_key="action", state_key=""
     )
+    return tok, model, data
+
+
+def test_speculation_rejects_changing_actions(stream):
+    from dreamrt.world_models.quality import timed_stream
+
+    tok, model, data = stream
     # The synthetic actions' noise dimensions change every frame: nothing beyond the first frame is accepted.
     out = timed_stream(
         model, tok, data, 0, 8, FrameSamplerConfig(steps=1), context=3, speculate=3, tolerance=1e-6
@@ -227,16 +236,10 @@ def test_eval_data_of_chosen_episodes(trained):
         load_eval_data(str(store), tok, normalizer, episodes=[7], **keys)
 
 
-def test_speculation_accepts_every_frame_of_a_stream_whose_actions_repeat(trained):
-    store, run_dir, _ = trained
-    from dreamrt.world_models.quality import load_eval_data, timed_stream
-    from dreamrt.world_models.tokenizer import load_tokenizer
+def test_speculation_accepts_every_frame_of_a_stream_whose_actions_repeat(stream):
+    from dreamrt.world_models.quality import timed_stream
 
-    tok = load_tokenizer(run_dir / "tokenizer")
-    model, normalizer = load_dynamics(run_dir / "dynamics")
-    data = load_eval_data(
-        str(store), tok, normalizer, camera="observation.images.static", action_key="action", state_key=""
-    )
+    tok, model, data = stream
     # Context 3: the first speculation starts at row 2, the last of the first held block of 3;
     # after it (warm-up) every speculation starts on a block and all 3 frames match exactly.
     out = timed_stream(
