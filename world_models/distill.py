@@ -137,6 +137,8 @@ def _frames(t: Tensor) -> Tensor:
 
 def run(cfg: WorldModelDistillConfig, out_dir: Path) -> JobResult:
     """Distil ``cfg.teacher`` into ``out_dir`` (resumable: rerun on the same directory)."""
+    from dreamrt.training.checkpoint import latest_checkpoint
+    from dreamrt.training.distill import check_teacher_identity
     from dreamrt.world_models.data import ClipIndex, load_latent_episodes
     from dreamrt.world_models.dynamics import load_dynamics
     from dreamrt.world_models.tokenizer import load_tokenizer
@@ -148,6 +150,8 @@ def run(cfg: WorldModelDistillConfig, out_dir: Path) -> JobResult:
     start = time.perf_counter()
     teacher, normalizer = load_dynamics(cfg.teacher)
     teacher.requires_grad_(False)
+    # Before reading the store: a resumed run from other teacher weights is refused at once.
+    check_teacher_identity(cfg.teacher, out_dir, resuming=latest_checkpoint(out_dir) is not None)
     saved = _teacher_summary(cfg.teacher)
     tokenizer_path = cfg.tokenizer or saved.get("tokenizer", "")
     if not tokenizer_path:
@@ -192,10 +196,6 @@ def run(cfg: WorldModelDistillConfig, out_dir: Path) -> JobResult:
             student, teacher, latents[rows], frame_conditions(actions[rows], states[rows]), cfg
         )
 
-    from dreamrt.training.checkpoint import latest_checkpoint
-    from dreamrt.training.distill import check_teacher_identity
-
-    check_teacher_identity(cfg.teacher, out_dir, resuming=latest_checkpoint(out_dir) is not None)
     step, logged = _fit(student, cfg, out_dir, DYNAMICS_KIND, loss_fn, lambda m: None, normalizer)
 
     def one_step(model: NextFrameDiT, sampler: FrameSamplerConfig) -> dict[str, float]:
