@@ -312,17 +312,13 @@ def format_table(summary: dict) -> str:
 
 def held_out_episodes(dynamics: str, num_episodes: int, given: list[int] | None) -> list[int]:
     """The episodes a dynamics run held out: ``given``, else its summary.json's ``val_episodes``."""
-    import json
-
     if given is None:
-        path = Path(resolve_policy_path(dynamics))
-        summary = path / "summary.json" if path.is_dir() else path.parent.parent / "summary.json"
-        if not summary.is_file() or "val_episodes" not in json.loads(summary.read_text()):
+        given = run_summary(dynamics).get("val_episodes")
+        if given is None:
             raise UserError(
-                f"Cannot tell which episodes the dynamics run {dynamics} held out (no val_episodes in "
-                f"{summary}); pass val_episodes=[...]."
+                f"Cannot tell which episodes the dynamics run {dynamics} held out (no val_episodes in a "
+                f"summary.json beside it); pass val_episodes=[...]."
             )
-        given = json.loads(summary.read_text())["val_episodes"]
     bad = [e for e in given if not 0 <= e < num_episodes]
     if not given or bad:
         raise UserError(
@@ -347,7 +343,7 @@ def run_trained(cfg: BenchWorldModelConfig, out_dir: Path | None = None) -> JobR
     model, normalizer = load_dynamics(cfg.dynamics)
     from dreamrt.episodes import open_store
 
-    keys = _trained_keys(cfg.dynamics)
+    keys = trained_keys(cfg.dynamics)
     val = held_out_episodes(cfg.dynamics, open_store(cfg.store).num_episodes, cfg.val_episodes)
     # Only the held-out episodes are read and encoded (renumbered 0..len(val)-1 in `data`).
     data = load_eval_data(cfg.store, tok, normalizer, episodes=val, **keys)
@@ -472,13 +468,21 @@ def _reference_row(name: str, sampler: str, q: dict, who: str, plain: str, horiz
     return row
 
 
-def _trained_keys(dynamics: str) -> dict[str, str]:
-    """camera / action_key / state_key the dynamics run trained on (its summary.json), else the defaults."""
+def run_summary(checkpoint: str) -> dict:
+    """The summary.json of the run a world-model checkpoint came from: in the run directory (or a
+    shipped checkpoint), or two levels above a ``checkpoints/step_*`` directory; {} without one."""
     import json
 
-    path = Path(resolve_policy_path(dynamics))
-    summary = path / "summary.json" if path.is_dir() else path.parent.parent / "summary.json"
-    saved = json.loads(summary.read_text()) if summary.is_file() else {}
+    path = Path(resolve_policy_path(checkpoint))
+    for candidate in (path / "summary.json", path.parent.parent / "summary.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def trained_keys(dynamics: str) -> dict[str, str]:
+    """camera / action_key / state_key the dynamics run trained on (its summary.json), else the defaults."""
+    saved = run_summary(dynamics)
     return {
         "camera": saved.get("camera", "observation.images.static"),
         "action_key": saved.get("action_key", "action"),

@@ -67,7 +67,7 @@ def run(cfg: CompareWorldModelConfig, out_dir: Path) -> JobResult:
     import numpy as np
     import torch
 
-    from dreamrt.world_models.bench import _trained_keys
+    from dreamrt.world_models.bench import trained_keys
     from dreamrt.world_models.dynamics import load_dynamics
     from dreamrt.world_models.quality import clip_starts, horizon_quality, load_eval_data
     from dreamrt.world_models.tokenizer import load_tokenizer
@@ -95,7 +95,7 @@ def run(cfg: CompareWorldModelConfig, out_dir: Path) -> JobResult:
                 overwrite=True,
             )
         )
-    data = load_eval_data(store, tok, normalizer, **_trained_keys(cfg.dynamics))
+    data = load_eval_data(store, tok, normalizer, **trained_keys(cfg.dynamics))
     context = cfg.context or model.config.window - 1
     episodes = np.arange(len(data.episode_ends))
     starts = clip_starts(data.episode_ends, episodes, context + max(cfg.horizons), cfg.clips_per_episode, 0)

@@ -42,14 +42,12 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from dreamrt.errors import UserError
 from dreamrt.jobs import JobResult
-from dreamrt.policies.shipped import resolve_policy_path
 from dreamrt.world_models.dynamics import (
     DYNAMICS_KIND,
     FrameCond,
@@ -139,6 +137,7 @@ def run(cfg: WorldModelDistillConfig, out_dir: Path) -> JobResult:
     """Distil ``cfg.teacher`` into ``out_dir`` (resumable: rerun on the same directory)."""
     from dreamrt.training.checkpoint import latest_checkpoint
     from dreamrt.training.distill import check_teacher_identity
+    from dreamrt.world_models.bench import run_summary, trained_keys
     from dreamrt.world_models.data import ClipIndex, load_latent_episodes
     from dreamrt.world_models.dynamics import load_dynamics
     from dreamrt.world_models.tokenizer import load_tokenizer
@@ -152,7 +151,7 @@ def run(cfg: WorldModelDistillConfig, out_dir: Path) -> JobResult:
     teacher.requires_grad_(False)
     # Before reading the store: a resumed run from other teacher weights is refused at once.
     check_teacher_identity(cfg.teacher, out_dir, resuming=latest_checkpoint(out_dir) is not None)
-    saved = _teacher_summary(cfg.teacher)
+    saved = run_summary(cfg.teacher)
     tokenizer_path = cfg.tokenizer or saved.get("tokenizer", "")
     if not tokenizer_path:
         raise UserError(
@@ -160,7 +159,7 @@ def run(cfg: WorldModelDistillConfig, out_dir: Path) -> JobResult:
             f"it); pass tokenizer=RUN."
         )
     tokenizer = load_tokenizer(tokenizer_path)
-    keys = {k: saved.get(k, d) for k, d in _KEY_DEFAULTS.items()}
+    keys = trained_keys(cfg.teacher)
     episodes = load_latent_episodes(
         cfg.store, tokenizer, max_frames=cfg.max_frames, normalizer=normalizer, **keys
     )
@@ -230,19 +229,3 @@ def run(cfg: WorldModelDistillConfig, out_dir: Path) -> JobResult:
             f"last frame"
         )
     return JobResult(summary=summary)
-
-
-_KEY_DEFAULTS = {
-    "camera": "observation.images.static",
-    "action_key": "action",
-    "state_key": "observation.state",
-}
-
-
-def _teacher_summary(path: str) -> dict[str, Any]:
-    """The teacher run's summary.json (tokenizer, keys, held-out episodes), or {} without one."""
-    p = Path(resolve_policy_path(path))
-    for candidate in (p / "summary.json", p.parent.parent / "summary.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    return {}

@@ -129,12 +129,12 @@ class WorldModelEnv(gym.Env):
     def from_checkpoints(cls, tokenizer: str, dynamics: str, store: str, **kwargs: Any) -> WorldModelEnv:
         """Load both checkpoints (run directories or checkpoints); camera / keys default to the dynamics
         run's (its summary.json)."""
-        from dreamrt.world_models.bench import _trained_keys
+        from dreamrt.world_models.bench import trained_keys
         from dreamrt.world_models.dynamics import load_dynamics
         from dreamrt.world_models.tokenizer import load_tokenizer
 
         model, normalizer = load_dynamics(dynamics)
-        keys = _trained_keys(dynamics)
+        keys = trained_keys(dynamics)
         for key, value in keys.items():
             kwargs.setdefault(key, value)
         if not model.config.state_dim:
