@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dreamrt.errors import UserError
+from dreamrt.errors import UserError, choose
 from dreamrt.training import checkpoint as ck
 from dreamrt.training.ema import EMA, EMAConfig
 
@@ -95,7 +95,11 @@ class TrainerConfig:
     eval_every: int = 0  # steps between evaluate() calls; 0: never
     save_every: int = 5000  # steps between checkpoints (one is always written at the end); 0: end only
     keep_last: int | None = 3  # checkpoints kept in the run; None: all
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = 0  # DataLoader worker processes (unused when batches are gathered on the device)
+    # Gather batches on the training device (a dataset's ``device_windows``: low-dim stores held in
+    # memory) instead of a DataLoader: "auto" where the dataset offers it and its arrays take at most
+    # 2 GiB, "on" (an error where it cannot), "off". The batches are the same either way.
+    data_on_device: str = "auto"
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1"
     # torch intra-op CPU threads while training (None: torch's default). Small models train
@@ -149,6 +153,7 @@ class TrainerConfig:
             )
         if isinstance(self.ema, Mapping):
             self.ema = EMAConfig(**self.ema)
+        choose("trainer.data_on_device", self.data_on_device, ("auto", "on", "off"))
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise UserError(f"trainer.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got '{self.device}'.")
 
@@ -231,17 +236,26 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
                 f"{world_size} process(es). Lower trainer.batch_size or record more episodes."
             )
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
+    def _epoch_tensor(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(_mix(self.seed, epoch) & 0x7FFF_FFFF_FFFF_FFFF)
         perm = torch.randperm(self.num_items, generator=g)
         shard = perm[self.rank :: self.world_size][: self.num_items // self.world_size]
-        n = self.batches_per_epoch * self.batch_size
-        return shard[:n].view(self.batches_per_epoch, self.batch_size).tolist()
+        return shard[: self.batches_per_epoch * self.batch_size].view(self.batches_per_epoch, self.batch_size)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        return self._epoch_tensor(epoch).tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, offset = divmod(self.start_batch, self.batches_per_epoch)
         while True:
             yield from self.epoch_batches(epoch)[offset:]
+            epoch, offset = epoch + 1, 0
+
+    def index_tensors(self, device: torch.device) -> Iterator[torch.Tensor]:
+        """The same batches as iteration, as index tensors already on ``device`` (one copy per epoch)."""
+        epoch, offset = divmod(self.start_batch, self.batches_per_epoch)
+        while True:
+            yield from self._epoch_tensor(epoch)[offset:].to(device)
             epoch, offset = epoch + 1, 0
 
     def __len__(self) -> int:
@@ -448,6 +462,25 @@ def _leave_the_process_group(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+DEVICE_DATA_AUTO_BYTES = 2 << 30  # "auto" holds a dataset on the training device up to this size
+
+
+def _device_windows(data: Any, cfg: TrainerConfig, device: torch.device) -> Any:
+    """``data.device_windows(device)`` when cfg.data_on_device allows it and the dataset offers it."""
+    if data is None or cfg.data_on_device == "off":
+        return None
+    gather = getattr(data, "device_windows", None)
+    limit = DEVICE_DATA_AUTO_BYTES if cfg.data_on_device == "auto" else None
+    windows = gather(device, max_bytes=limit) if gather is not None else None
+    if windows is None and cfg.data_on_device == "on":
+        raise UserError(
+            f"trainer.data_on_device=on, but this dataset ({type(data).__name__}) cannot be gathered on the "
+            "device: only stores whose training keys are all low-dim and cached in memory can. Use "
+            "trainer.data_on_device=auto or off."
+        )
+    return windows
+
+
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -567,17 +600,21 @@ def _fit(
     batch_sampler = EpochBatchSampler(
         len(train_data), cfg.batch_size, cfg.seed, d.rank, d.world_size, batches_seen
     )
-    loader = torch.utils.data.DataLoader(
-        train_data,
-        batch_sampler=batch_sampler,
-        num_workers=cfg.num_workers,
-        pin_memory=d.device.type == "cuda",
-        collate_fn=collate_fn,
-        # Its own generator: creating the iterator must not draw from the global RNG.
-        generator=torch.Generator().manual_seed(_mix(cfg.seed, d.rank, step) & 0x7FFF_FFFF_FFFF_FFFF),
-        persistent_workers=False,
-        worker_init_fn=_leave_the_process_group if cfg.num_workers else None,
-    )
+    device_windows = _device_windows(train_data, cfg, d.device)
+    val_windows = _device_windows(val_data, cfg, d.device) if d.main else None
+    loader = None
+    if device_windows is None:
+        loader = torch.utils.data.DataLoader(
+            train_data,
+            batch_sampler=batch_sampler,
+            num_workers=cfg.num_workers,
+            pin_memory=d.device.type == "cuda",
+            collate_fn=collate_fn,
+            # Its own generator: creating the iterator must not draw from the global RNG.
+            generator=torch.Generator().manual_seed(_mix(cfg.seed, d.rank, step) & 0x7FFF_FFFF_FFFF_FFFF),
+            persistent_workers=False,
+            worker_init_fn=_leave_the_process_group if cfg.num_workers else None,
+        )
     eval_model = ema.model if ema is not None else model
     params = [p for g in optimizer.param_groups for p in g["params"]]
     last: dict[str, float] = {}
@@ -626,7 +663,10 @@ def _fit(
     )
     window_loss = torch.zeros((), device=d.device)
     window_steps, window_start = 0, time.perf_counter()
-    batches = iter(loader)
+    if loader is None:
+        batches = map(device_windows.batch, batch_sampler.index_tensors(d.device))
+    else:
+        batches = iter(loader)
     try:
         with _StopFlag() as stop:
             while step < cfg.steps:
@@ -671,7 +711,9 @@ def _fit(
                 if val_data is not None and cfg.val_every and step % cfg.val_every == 0:
                     main_work = True
                     if d.main:
-                        last["val_loss"] = validation_loss(eval_model, val_data, cfg, d.device, collate_fn)
+                        last["val_loss"] = validation_loss(
+                            eval_model, val_data, cfg, d.device, collate_fn, val_windows
+                        )
                         metrics.log(step, {"val_loss": last["val_loss"]})
                         metrics.write()
                 if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0:
@@ -755,11 +797,28 @@ def validation_loss(
     cfg: TrainerConfig,
     device: torch.device,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    device_windows: Any = None,
 ) -> float:
-    """Mean loss over the first ``cfg.val_batches`` batches of ``data`` (in order), in eval mode, fixed noise."""
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=cfg.batch_size, shuffle=False, drop_last=False, num_workers=0, collate_fn=collate_fn
-    )
+    """Mean loss over the first ``cfg.val_batches`` batches of ``data`` (in order), in eval mode, fixed noise.
+
+    ``device_windows`` (``data.device_windows(device)``) gathers the same batches on the device."""
+    if device_windows is not None:
+        order = torch.arange(len(data), device=device)
+        loader = (
+            device_windows.batch(order[i : i + cfg.batch_size]) for i in range(0, len(data), cfg.batch_size)
+        )
+    else:
+        loader = torch.utils.data.DataLoader(
+            data,
+            batch_size=cfg.batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=0,
+            collate_fn=collate_fn,
+            # Its own generator: the loader must not draw from the global RNG, whose draws are the
+            # validation noise (the same whichever way the batches are made).
+            generator=torch.Generator(),
+        )
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

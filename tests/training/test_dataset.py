@@ -111,3 +111,31 @@ def test_normalizer_and_errors(store_path):
         EpisodeDatasetConfig(path=str(store_path), split="val")
     with pytest.raises(UserError, match="Unknown cache"):
         EpisodeDatasetConfig(path=str(store_path), cache="gpu")
+
+
+def test_device_windows_equal_the_collated_items_including_edge_padding(store_path):
+    lowdim = SamplerConfig(horizon=6, n_obs_steps=2, n_action_steps=3, obs_keys=["observation.state"])
+    ds = EpisodeDataset(
+        EpisodeDatasetConfig(path=str(store_path), sampler=lowdim, split="train", val_ratio=0.25)
+    )
+    windows = ds.device_windows("cpu")
+    assert windows is not None and len(windows) == len(ds)
+    every = torch.arange(len(ds)).flip(0)  # any order: every padded window at both episode edges
+    got = windows.batch(every)
+    want = torch.utils.data.default_collate([ds[int(i)] for i in every])
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == torch.float32 and torch.equal(got[key], want[key]), key
+
+
+def test_device_windows_refuse_visual_keys_and_oversized_arrays(store_path):
+    assert EpisodeDataset(_cfg(store_path)).device_windows("cpu") is None  # images and depth
+    lowdim = SamplerConfig(horizon=6, n_obs_steps=2, n_action_steps=3, obs_keys=["observation.state"])
+    ds = EpisodeDataset(EpisodeDatasetConfig(path=str(store_path), sampler=lowdim))
+    assert ds.device_windows("cpu", max_bytes=16) is None
+    assert (
+        EpisodeDataset(
+            EpisodeDatasetConfig(path=str(store_path), sampler=lowdim, cache="none")
+        ).device_windows("cpu")
+        is None
+    )  # read from disk per window: nothing in memory to gather from

@@ -128,7 +128,9 @@ def test_ctrl_c_saves_and_resume_is_bitwise_exact(state_store, tmp_path):
     assert latest_checkpoint(tmp_path / "split").name == "step_000012"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
 
-    resumed_cfg = toy_config(state_store, num_workers=2)  # workers must not change the data order
+    # Neither the DataLoader (with workers) nor gathering on the device changes the batches: the
+    # straight run gathered them on the device, the resumed half loads them through workers.
+    resumed_cfg = toy_config(state_store, num_workers=2, data_on_device="off")
     resumed_cfg.resume = str(tmp_path / "split")
     resumed = train(resumed_cfg, tmp_path / "split")
     assert resumed.step == 24 and not resumed.interrupted
@@ -169,7 +171,7 @@ def sigterm_to_my_process_group(policy):  # what `timeout -s TERM` or a batch sc
     print("workers alive", len(workers), all(w.is_alive() for w in workers), flush=True)
     return {}
 
-result = train(toy_config(sys.argv[2], eval_every=6, num_workers=2), sys.argv[3], evaluate=sigterm_to_my_process_group)
+result = train(toy_config(sys.argv[2], eval_every=6, num_workers=2, data_on_device="off"), sys.argv[3], evaluate=sigterm_to_my_process_group)
 print("interrupted", result.interrupted, "step", result.step)
 """
 
@@ -235,6 +237,12 @@ def test_missing_dataset_path_and_wrong_widths_are_user_errors(state_store, tmp_
     cfg.policy_model.encoder.lowdim_dims = [3, 2]
     with pytest.raises(UserError, match=r"lowdim_dims=\[2, 2\]"):
         run(cfg, tmp_path)
+    with pytest.raises(UserError, match="data_on_device"):
+        toy_config(state_store, data_on_device="gpu")
+    cfg = toy_config(state_store, data_on_device="on")
+    cfg.dataset.cache = "none"  # windows read from disk one by one cannot be gathered on the device
+    with pytest.raises(UserError, match="data_on_device=on"):
+        run(cfg, tmp_path / "on")
 
 
 def test_warmup_cosine_schedule():
