@@ -46,6 +46,9 @@ class EvalConfig:
     mode: str = "chains"
     num_chains: int = 1000  # CALVIN evaluates 1000 chains of 5 tasks
     episodes_per_task: int = 20  # mode=tasks
+    # mode=tasks: only these tasks (null: all 34). Each keeps the episodes, start states and seeds it
+    # has in the full set, so a filtered run repeats those episodes of a full one exactly.
+    tasks: list[str] | None = None
     seed: int = 0  # chain generation, and the per-chain env and policy seeds
     max_steps_per_subtask: int = 360
     num_workers: int = 2  # rollout processes (0: run in this process)
@@ -78,6 +81,18 @@ class EvalConfig:
         if self.videos < 0:
             raise UserError(f"videos={self.videos}; expected how many chains to film (0 for none).")
         check_video_format(self.video_format)
+        if self.tasks is not None:
+            from dreamrt.sim.tasks import get_task
+
+            if self.mode != "tasks":
+                raise UserError(
+                    f"tasks={list(self.tasks)} picks single-task rollouts; it needs mode=tasks (the chains of "
+                    "mode=chains follow CALVIN's protocol and cannot be filtered)."
+                )
+            if not self.tasks:
+                raise UserError("tasks=[] names no task; give task names or tasks=null for all 34.")
+            for task in self.tasks:
+                get_task(task)  # a UserError with "did you mean" for a misspelt task
         if not 64 <= self.video_width <= 1920:
             raise UserError(f"video_width={self.video_width}; expected 64..1920 pixels.")
         if self.video_stride < 1:
@@ -169,7 +184,10 @@ def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], boo
         specs = chain_specs(protocol.generate_chains(cfg.num_chains, cfg.seed), cfg.seed, films)
     else:
         films = cfg.videos if out_dir is not None else 0
-        specs = task_specs(cfg.episodes_per_task, cfg.seed, films)
+        specs = task_specs(cfg.episodes_per_task, cfg.seed, films=0)
+        if cfg.tasks:
+            specs = [s for s in specs if s.tasks[0] in cfg.tasks]
+        specs = [replace(s, film=n < films) for n, s in enumerate(specs)]
     policies = build_policies(cfg.policy, cfg.env, max(1, cfg.num_workers))
     env_cfg = resolve_env_config(cfg.env, cfg.cameras, policies[0])
 

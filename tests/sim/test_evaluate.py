@@ -215,3 +215,20 @@ def test_task_mode_runs_every_task_from_states_that_allow_it_and_the_expert_solv
     assert set(summary["per_task"]) == set(task_names())
     assert summary["mean_success"] >= 0.9, summary["per_task"]
     assert (tmp_path / "per_task.png").is_file()
+
+
+def test_task_mode_filtered_to_some_tasks_repeats_their_episodes_of_the_full_set(tmp_path):
+    picked = ["turn_on_led", "open_drawer"]
+    cfg = EvalConfig(mode="tasks", episodes_per_task=2, tasks=picked, num_workers=0, videos=1, progress=False)
+    summary = run(cfg, tmp_path).summary
+    assert summary["num_episodes"] == 4 and set(summary["per_task"]) == set(picked)
+    assert summary["mean_success"] == 1.0, summary["per_task"]  # the expert
+    from dreamrt.sim.evaluate import task_specs
+
+    first = next(s for s in task_specs(2, 0, 0) if s.tasks[0] in picked)
+    # One film, of the first picked episode, named by its index in the full set (whose seeds it keeps).
+    assert [os.path.basename(v) for v in summary["artifacts"]["videos"]] == [f"chain_{first.index:03d}.gif"]
+    with pytest.raises(UserError, match="Did you mean 'turn_on_led'"):
+        EvalConfig(mode="tasks", tasks=["turn_on_leds"])
+    with pytest.raises(UserError, match="mode=tasks"):
+        EvalConfig(mode="chains", tasks=["turn_on_led"])
