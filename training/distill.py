@@ -503,9 +503,11 @@ def _check_store(store: Any, teacher: DiffusionPolicy) -> None:
         from dreamrt.policies.language import normalize_instruction
 
         tasks = [normalize_instruction(t) for t in store.tasks]
-        if tasks != list(tc.instructions):
+        # A prefix is enough: a store appended to later keeps its task list in order, so the
+        # teacher's store before an append (or its first part) indexes the same instructions.
+        if tasks != list(tc.instructions)[: len(tasks)]:
             raise UserError(
-                f"The store's task list ({len(tasks)} tasks) differs from the teacher's instruction table "
+                f"The store's task list ({len(tasks)} tasks) is not the start of the teacher's instruction table "
                 f"({len(tc.instructions)}): task_index would pick the wrong instructions. Distil on the store the "
-                "teacher was trained on."
+                "teacher was trained on (or one it was appended to)."
             )

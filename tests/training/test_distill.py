@@ -314,3 +314,41 @@ def test_store_without_the_teachers_inputs_is_refused(teacher, tmp_path):
         ConsistencyDistillationConfig(solver_step=0)
     with pytest.raises(UserError, match="loss"):
         ConsistencyDistillationConfig(loss="l1")
+
+
+def test_store_check_accepts_a_prefix_of_the_teachers_task_list_only(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from toy_reaching import make_store, toy_config
+
+    from dreamrt.episodes import open_store
+    from dreamrt.training.distill import _check_store
+
+    both = make_store(tmp_path / "both.zarr", episodes=4, length=10, language=True)  # "go left", "go right"
+    cfg = toy_config(both, language=True, steps=2, val_every=0, save_every=0)
+    cfg.dataset.val_ratio = 0.0
+    teacher = load_diffusion_policy(train(cfg, tmp_path / "teacher").checkpoint)
+    _check_store(open_store(both), teacher)
+    # The store before an episode of the second task was appended: its list is a prefix.
+    _check_store(
+        open_store(make_store(tmp_path / "left.zarr", episodes=1, length=10, language=True)), teacher
+    )
+    swapped = tmp_path / "swapped.zarr"
+    with create_store(
+        swapped,
+        {
+            "observation.state": {"dtype": "float32", "shape": [2]},
+            "action": {"dtype": "float32", "shape": [2]},
+        },
+        fps=30,
+    ) as writer:
+        for task in ("go right", "go left"):  # task_index 0 would mean "go right" here
+            for _ in range(10):
+                writer.add_frame(
+                    {"observation.state": np.zeros(2, np.float32), "action": np.zeros(2, np.float32)},
+                    task=task,
+                )
+            writer.end_episode()
+    with pytest.raises(UserError, match="not the start of the teacher's instruction table"):
+        _check_store(open_store(swapped), teacher)
