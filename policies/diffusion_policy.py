@@ -332,17 +332,20 @@ class DiffusionPolicy(nn.Module):
         if TASK_EMBEDDING_KEY in obs:
             return torch.as_tensor(obs[TASK_EMBEDDING_KEY], device=self.device).float()
         if TASK_INDEX_KEY in obs:
-            index = torch.as_tensor(obs[TASK_INDEX_KEY], device=self.device)
+            index = torch.as_tensor(obs[TASK_INDEX_KEY])
             index = (
                 (index[:, -1] if index.ndim == 2 else index).round().long()
             )  # the current step's task, (B,)
             n = len(self.config.instructions)
-            if len(index) and (int(index.min()) < 0 or int(index.max()) >= n):
+            # Checked where the indices are on the host (observations, DataLoader batches): reading
+            # them back from a GPU would stall every training step until the GPU caught up. Batches
+            # gathered on the GPU come from the store whose task list built this table.
+            if index.device.type == "cpu" and len(index) and (int(index.min()) < 0 or int(index.max()) >= n):
                 raise UserError(
                     f"task_index values {sorted(set(index.tolist()))[:8]} fall outside the policy's {n} instructions. "
                     "The policy was built for another episode store's task list."
                 )
-            return self.instruction_embeddings[index]
+            return self.instruction_embeddings[index.to(self.device)]
         if TASK_KEY in obs:
             tasks = obs[TASK_KEY]
             return self.embed_instructions([tasks] if isinstance(tasks, str) else list(tasks))
