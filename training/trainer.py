@@ -602,8 +602,9 @@ def _fit(
     )
     device_windows = _device_windows(train_data, cfg, d.device)
     val_windows = _device_windows(val_data, cfg, d.device) if d.main else None
-    loader = None
-    if device_windows is None:
+    if device_windows is not None:
+        batches = map(device_windows.batch, batch_sampler.index_tensors(d.device))
+    else:
         loader = torch.utils.data.DataLoader(
             train_data,
             batch_sampler=batch_sampler,
@@ -615,6 +616,7 @@ def _fit(
             persistent_workers=False,
             worker_init_fn=_leave_the_process_group if cfg.num_workers else None,
         )
+        batches = iter(loader)
     eval_model = ema.model if ema is not None else model
     params = [p for g in optimizer.param_groups for p in g["params"]]
     last: dict[str, float] = {}
@@ -663,10 +665,6 @@ def _fit(
     )
     window_loss = torch.zeros((), device=d.device)
     window_steps, window_start = 0, time.perf_counter()
-    if loader is None:
-        batches = map(device_windows.batch, batch_sampler.index_tensors(d.device))
-    else:
-        batches = iter(loader)
     try:
         with _StopFlag() as stop:
             while step < cfg.steps:
