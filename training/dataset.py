@@ -14,8 +14,8 @@ pid and reopens). ``cache`` picks what is read into memory once, in the construc
 
 Batches without a DataLoader: when every key is low-dim and cached, :meth:`EpisodeDataset.device_windows`
 copies the arrays to a device once and gathers a whole batch of windows there with one indexing op
-per key (:class:`DeviceWindows`). The windows are the same as ``__getitem__``'s, element for element;
-a state-only store trains at GPU speed instead of at the speed of per-window Python in the loader.
+per key (:class:`DeviceWindows`). The windows are the same as ``__getitem__``'s, element for element,
+without per-window Python, worker processes or host-to-device copies.
 """
 
 from __future__ import annotations
@@ -199,8 +199,8 @@ class DeviceWindows:
         start = self._buffer_start[idx, None]
         last = self._last_row[idx, None]
         offset = start - self._sample_start[idx, None]
-        obs_rows = torch.minimum(torch.maximum(offset + self._obs_pos, start), last)  # (B, To)
-        act_rows = torch.minimum(torch.maximum(offset + self._act_pos, start), last)  # (B, H)
+        obs_rows = (offset + self._obs_pos).clamp(start, last)  # (B, To)
+        act_rows = (offset + self._act_pos).clamp(start, last)  # (B, H)
         out = {k: self.arrays[k][obs_rows] for k in self.obs_keys}
         out.update({k: self.arrays[k][act_rows] for k in self.action_keys})
         return out

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from toy_reaching import make_store, toy_config
 
 from dreamrt.episodes import SamplerConfig as WindowConfig
-from dreamrt.episodes import create_store
+from dreamrt.episodes import create_store, open_store
 from dreamrt.errors import UserError
 from dreamrt.policies.consistency import ConsistencySampler
 from dreamrt.policies.diffusion_policy import POLICY_KIND, load_diffusion_policy
@@ -28,6 +29,7 @@ from dreamrt.training.distill import (
     ConsistencyDistillationConfig,
     DistillConfig,
     TeacherReference,
+    _check_store,
     build_student,
     normalized_actions,
     reference_windows,
@@ -317,14 +319,6 @@ def test_store_without_the_teachers_inputs_is_refused(teacher, tmp_path):
 
 
 def test_store_check_accepts_a_prefix_of_the_teachers_task_list_only(tmp_path):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from toy_reaching import make_store, toy_config
-
-    from dreamrt.episodes import open_store
-    from dreamrt.training.distill import _check_store
-
     both = make_store(tmp_path / "both.zarr", episodes=4, length=10, language=True)  # "go left", "go right"
     cfg = toy_config(both, language=True, steps=2, val_every=0, save_every=0)
     cfg.dataset.val_ratio = 0.0
