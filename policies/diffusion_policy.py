@@ -594,12 +594,17 @@ def save_diffusion_policy(
 
 
 def load_diffusion_policy(
-    path: str | Path, sampler: SamplerConfig | None = None, *, device: str | torch.device = "cpu"
+    path: str | Path,
+    sampler: SamplerConfig | None = None,
+    *,
+    n_action_steps: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> DiffusionPolicy:
     """Load a ``dpt_policy`` checkpoint (a checkpoint directory, or a run directory for its newest one).
 
-    ``sampler`` replaces the sampler saved in the checkpoint. The policy comes back in eval
-    mode, on ``device``, reset with seed 0.
+    ``sampler`` replaces the sampler saved in the checkpoint, ``n_action_steps`` its executed
+    chunk length (Ta; the network and its weights do not depend on it). The policy comes back
+    in eval mode, on ``device``, reset with seed 0.
     """
     from dreamrt.training.checkpoint import config_from_dict, load_checkpoint, load_into
 
@@ -607,6 +612,8 @@ def load_diffusion_policy(
     config = config_from_dict(DiffusionPolicyConfig, ckpt.config, source=f"{ckpt.path}/config.yaml")
     if sampler is not None:
         config = replace(config, sampler=sampler)
+    if n_action_steps is not None:
+        config = replace(config, n_action_steps=n_action_steps)  # re-validated by the config
     policy = DiffusionPolicy(config, Normalizer.from_dict(ckpt.normalizer))
     load_into(policy, ckpt)
     policy.eval().requires_grad_(False).to(device)

@@ -14,6 +14,9 @@ defaults load the checkpoint exactly as saved:
 - ``backend`` (torch | onnxruntime): onnxruntime runs the encoder and the denoiser from
   ``<checkpoint>/onnx/``, exported there on first use (:mod:`dreamrt.runtime.onnx_backend`),
   on the CUDA provider when onnxruntime has it, else the CPU.
+- ``n_action_steps``: how many actions of each predicted chunk are executed before the next
+  inference (the checkpoint's Ta; at most horizon - n_obs_steps + 1). Fewer re-plan more often:
+  more reactive, more inference calls.
 - ``threads``: the CPU threads of the backend's pool (torch's intra-op threads, or
   onnxruntime's). With onnxruntime, torch is set to one thread: what is left to it (the
   sampler arithmetic on a (1, H, A) tensor) gains nothing from more, and its idle workers
@@ -59,6 +62,7 @@ class PolicyConfig:
     cache: str = "none"  # none | bac (bac_schedule.json beside the checkpoint) | uniform
     cache_updates: int | None = None  # update steps per block: uniform's budget (null: 10); bac: checked
     backend: str = "torch"  # torch | onnxruntime (exports <checkpoint>/onnx on first use)
+    n_action_steps: int | None = None  # actions executed per chunk (Ta); null: the checkpoint's
     threads: int | None = None  # CPU threads of the backend's pool; null: the library default
 
     def __post_init__(self) -> None:
@@ -68,7 +72,7 @@ class PolicyConfig:
             choose("policy.sampler", self.sampler, SAMPLER_CHOICES)
         choose("policy.cache", self.cache, CACHE_CHOICES)
         choose("policy.backend", self.backend, BACKEND_CHOICES)
-        for name in ("steps", "cache_updates", "threads"):
+        for name in ("steps", "cache_updates", "n_action_steps", "threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise UserError(f"policy.{name} must be a positive integer or null, got {value!r}.")
@@ -86,7 +90,7 @@ class PolicyConfig:
     def runtime_options(self) -> dict[str, Any]:
         """The runtime options that differ from their defaults."""
         defaults = PolicyConfig.__dataclass_fields__
-        names = ("sampler", "steps", "cache", "cache_updates", "backend", "threads")
+        names = ("sampler", "steps", "cache", "cache_updates", "backend", "n_action_steps", "threads")
         return {n: getattr(self, n) for n in names if getattr(self, n) != defaults[n].default}
 
 
@@ -185,7 +189,7 @@ def _load_diffusion_policy(
     from dreamrt.policies.diffusion_policy import load_diffusion_policy
 
     sampler = sampler_config(saved_sampler(checkpoint_dir), cfg.sampler, cfg.steps, checkpoint_dir)
-    policy = load_diffusion_policy(checkpoint_dir, sampler=sampler)
+    policy = load_diffusion_policy(checkpoint_dir, sampler=sampler, n_action_steps=cfg.n_action_steps)
     schedule = cache_schedule(policy, cfg, checkpoint_dir, bac_schedule)
     _set_threads(cfg)
     if cfg.backend == "onnxruntime":

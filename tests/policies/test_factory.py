@@ -1,4 +1,4 @@
-"""The policy factory: built-ins, checkpoints, and the runtime options sampler/steps/cache/backend/threads."""
+"""The policy factory: built-ins, checkpoints, and the runtime options sampler/steps/cache/backend/n_action_steps/threads."""
 
 import math
 
@@ -218,6 +218,18 @@ def test_threads_option_sets_torchs_pool(ddim_ckpt):
     assert torch.get_num_threads() == 1
 
 
+def test_n_action_steps_option_executes_a_prefix_of_the_same_prediction(ddim_ckpt):
+    path = str(ddim_ckpt)
+    saved = load_policy(path, PolicyConfig(path=path))
+    shorter = load_policy(path, PolicyConfig(path=path, n_action_steps=2))
+    assert saved.spec.horizon == 3 and shorter.spec.horizon == 2
+    # Same weights and noise: the executed chunk is the first Ta actions of the same prediction.
+    np.testing.assert_array_equal(chunk(shorter), chunk(saved)[:2])
+    too_long = 1 + shorter.config.model.horizon - shorter.config.model.n_obs_steps + 1
+    with pytest.raises(UserError, match="n_action_steps"):
+        load_policy(path, PolicyConfig(path=path, n_action_steps=too_long))
+
+
 # ---------------------------------------------------------------------------- mistakes
 
 
@@ -230,6 +242,7 @@ def test_threads_option_sets_torchs_pool(ddim_ckpt):
         ({"steps": 0}, "policy.steps must be a positive integer"),
         ({"threads": -1}, "policy.threads"),
         ({"cache_updates": 5}, "needs a cache"),
+        ({"n_action_steps": 0}, "policy.n_action_steps must be a positive integer"),
     ],
 )
 def test_misspelt_or_impossible_options_are_user_errors(kwargs, message):
