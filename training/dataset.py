@@ -92,23 +92,37 @@ class EpisodeDataset(torch.utils.data.Dataset):
         return {key: self._to_tensor(key, value) for key, value in window.items()}
 
     def device_windows(
-        self, device: torch.device | str, max_bytes: int | None = None
+        self,
+        device: torch.device | str,
+        max_bytes: int | None = None,
+        *,
+        share: DeviceWindows | None = None,
     ) -> DeviceWindows | None:
         """All windows gathered on ``device`` (:class:`DeviceWindows`), or None when that cannot be
-        done: a key is visual or not cached, or the arrays exceed ``max_bytes`` as float32."""
+        done: a key is visual or not cached, or the arrays exceed ``max_bytes`` as float32.
+
+        Every split caches the whole store's rows, so ``share`` (another split's windows of the
+        same store on the same device) lends its device arrays instead of a second copy."""
         if any(k.startswith(VISUAL_PREFIXES) or k not in self._cached for k in self._keys):
             return None
         nbytes = sum(self._cached[k].size * 4 for k in self._keys)
         if max_bytes is not None and nbytes > max_bytes:
             return None
+        source = (os.path.realpath(self.cfg.path), self.num_frames, tuple(self._keys))
+        device = torch.device(device)
+        if share is not None and share.source == source and share.device == device:
+            arrays: dict[str, np.ndarray | torch.Tensor] = share.arrays
+        else:
+            arrays = {k: self._cached[k] for k in self._keys}
         return DeviceWindows(
-            {k: self._cached[k] for k in self._keys},
+            arrays,
             self.sampler.indices,
             self.sampler.obs_keys,
             self.sampler.action_keys,
             n_obs_steps=self.cfg.sampler.n_obs_steps,
             horizon=self.cfg.sampler.horizon,
-            device=torch.device(device),
+            device=device,
+            source=source,
         )
 
     def split_dataset(self, split: str) -> EpisodeDataset:
@@ -169,7 +183,7 @@ class DeviceWindows:
 
     def __init__(
         self,
-        arrays: dict[str, np.ndarray],
+        arrays: dict[str, np.ndarray | torch.Tensor],
         indices: np.ndarray,
         obs_keys: list[str],
         action_keys: list[str],
@@ -177,13 +191,14 @@ class DeviceWindows:
         n_obs_steps: int,
         horizon: int,
         device: torch.device,
+        source: Any = None,
     ):
         self.device = device
+        self.source = source  # what the arrays hold (store, rows, keys): whether another split may share them
         self.obs_keys = list(obs_keys)
         self.action_keys = list(action_keys)
-        self.arrays = {
-            k: torch.as_tensor(np.asarray(v, dtype=np.float32), device=device) for k, v in arrays.items()
-        }
+        # Float32 tensors already on the device (another split's) are taken as they are, not copied.
+        self.arrays = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in arrays.items()}
         rows = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=device)  # (M, 4)
         self._buffer_start = rows[:, 0]
         self._last_row = rows[:, 1] - 1

@@ -465,13 +465,20 @@ def _leave_the_process_group(worker_id: int) -> None:
 DEVICE_DATA_AUTO_BYTES = 2 << 30  # "auto" holds a dataset on the training device up to this size
 
 
-def _device_windows(data: Any, cfg: TrainerConfig, device: torch.device) -> Any:
-    """``data.device_windows(device)`` when cfg.data_on_device allows it and the dataset offers it."""
+def _device_windows(data: Any, cfg: TrainerConfig, device: torch.device, share: Any = None) -> Any:
+    """``data.device_windows(device)`` when cfg.data_on_device allows it and the dataset offers it;
+    ``share`` (the training split's windows) lends its device arrays to the validation split."""
     if data is None or cfg.data_on_device == "off":
         return None
     gather = getattr(data, "device_windows", None)
     limit = DEVICE_DATA_AUTO_BYTES if cfg.data_on_device == "auto" else None
-    windows = gather(device, max_bytes=limit) if gather is not None else None
+    windows = None
+    if gather is not None:
+        windows = (
+            gather(device, max_bytes=limit, share=share)
+            if share is not None
+            else gather(device, max_bytes=limit)
+        )
     if windows is None and cfg.data_on_device == "on":
         raise UserError(
             f"trainer.data_on_device=on, but this dataset ({type(data).__name__}) cannot be gathered on the "
@@ -601,7 +608,7 @@ def _fit(
         len(train_data), cfg.batch_size, cfg.seed, d.rank, d.world_size, batches_seen
     )
     device_windows = _device_windows(train_data, cfg, d.device)
-    val_windows = _device_windows(val_data, cfg, d.device) if d.main else None
+    val_windows = _device_windows(val_data, cfg, d.device, share=device_windows) if d.main else None
     if device_windows is not None:
         batches = map(device_windows.batch, batch_sampler.index_tensors(d.device))
     else:

@@ -1,6 +1,7 @@
 """EpisodeDataset: tensors, image layout, splits, and DataLoader workers opening their own store."""
 
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -126,6 +127,32 @@ def test_device_windows_equal_the_collated_items_including_edge_padding(store_pa
     assert got.keys() == want.keys()
     for key in want:
         assert got[key].dtype == torch.float32 and torch.equal(got[key], want[key]), key
+
+
+def test_validation_windows_share_the_training_splits_device_arrays(store_path, tmp_path):
+    lowdim = SamplerConfig(horizon=6, n_obs_steps=2, n_action_steps=3, obs_keys=["observation.state"])
+    train = EpisodeDataset(
+        EpisodeDatasetConfig(path=str(store_path), sampler=lowdim, split="train", val_ratio=0.25)
+    )
+    val = train.split_dataset("val")
+    train_windows = train.device_windows("cpu")
+    shared = val.device_windows("cpu", share=train_windows)
+    for key, array in shared.arrays.items():
+        assert array is train_windows.arrays[key]  # one copy of the store on the device, not two
+    own = val.device_windows("cpu")
+    assert all(own.arrays[k] is not train_windows.arrays[k] for k in own.arrays)
+    every = torch.arange(len(val))
+    got, want = shared.batch(every), own.batch(every)
+    assert len(shared) == len(val) != len(train_windows)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # Another store (here a copy of the same one) is not the training split's: nothing is lent.
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store_path, copy)
+    elsewhere = EpisodeDataset(
+        EpisodeDatasetConfig(path=str(copy), sampler=lowdim, split="val", val_ratio=0.25)
+    )
+    lent = elsewhere.device_windows("cpu", share=train_windows)
+    assert all(lent.arrays[k] is not train_windows.arrays[k] for k in lent.arrays)
 
 
 def test_device_windows_refuse_visual_keys_and_oversized_arrays(store_path):
