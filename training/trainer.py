@@ -472,13 +472,7 @@ def _device_windows(data: Any, cfg: TrainerConfig, device: torch.device, share: 
         return None
     gather = getattr(data, "device_windows", None)
     limit = DEVICE_DATA_AUTO_BYTES if cfg.data_on_device == "auto" else None
-    windows = None
-    if gather is not None:
-        windows = (
-            gather(device, max_bytes=limit, share=share)
-            if share is not None
-            else gather(device, max_bytes=limit)
-        )
+    windows = gather(device, max_bytes=limit, share=share) if gather is not None else None
     if windows is None and cfg.data_on_device == "on":
         raise UserError(
             f"trainer.data_on_device=on, but this dataset ({type(data).__name__}) cannot be gathered on the "
