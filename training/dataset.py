@@ -60,7 +60,10 @@ class EpisodeDatasetConfig:
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
-    def __init__(self, cfg: EpisodeDatasetConfig):
+    def __init__(self, cfg: EpisodeDatasetConfig, *, cached: dict[str, np.ndarray] | None = None):
+        """``cached``: in-memory arrays of this store already read by another split (every split
+        holds all of the store's rows), taken instead of reading them again where they cover
+        this store's current rows."""
         self.cfg = cfg
         store = open_store(cfg.path)
         self.features = store.features
@@ -78,8 +81,12 @@ class EpisodeDataset(torch.utils.data.Dataset):
         if missing:
             raise UserError(f"Keys {missing} are not in '{cfg.path}'. Stored keys: {store.keys}.")
         self._keys = keys
-        cached = [k for k in keys if _wants_cache(cfg.cache, k)]
-        self._cached = {k: store.read(k, 0, self.num_frames) for k in cached}
+        wanted = [k for k in keys if _wants_cache(cfg.cache, k)]
+        lent = cached or {}
+        self._cached = {
+            k: lent[k] if k in lent and len(lent[k]) == self.num_frames else store.read(k, 0, self.num_frames)
+            for k in wanted
+        }
         self._handles: dict[str, Any] | None = None
         self._handles_pid = -1
         self.sampler = SequenceSampler(self._arrays(store), store.episode_ends, cfg.sampler, mask)
@@ -126,8 +133,9 @@ class EpisodeDataset(torch.utils.data.Dataset):
         )
 
     def split_dataset(self, split: str) -> EpisodeDataset:
-        """The same store and settings with another split (e.g. "val" for validation)."""
-        return EpisodeDataset(replace(self.cfg, split=split))
+        """The same store and settings with another split (e.g. "val" for validation), sharing this
+        split's in-memory arrays rather than reading and holding the store a second time."""
+        return EpisodeDataset(replace(self.cfg, split=split), cached=self._cached)
 
     def normalizer(self, modes: dict[str, str] | None = None) -> Normalizer:
         """Normaliser from the store's statistics (default: min-max for low-dim obs and actions)."""

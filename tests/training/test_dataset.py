@@ -129,6 +129,18 @@ def test_device_windows_equal_the_collated_items_including_edge_padding(store_pa
         assert got[key].dtype == torch.float32 and torch.equal(got[key], want[key]), key
 
 
+def test_split_dataset_shares_the_in_memory_arrays_and_gives_the_same_windows(store_path):
+    train = EpisodeDataset(_cfg(store_path, split="train", val_ratio=0.25))
+    val = train.split_dataset("val")
+    fresh = EpisodeDataset(_cfg(store_path, split="val", val_ratio=0.25))
+    assert val._cached.keys() == train._cached.keys() == {"observation.state", "action"}
+    assert all(val._cached[k] is train._cached[k] for k in val._cached)  # read and held once
+    assert len(val) == len(fresh) and len(val) != len(train)
+    for i in range(len(val)):
+        a, b = val[i], fresh[i]
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 def test_validation_windows_share_the_training_splits_device_arrays(store_path, tmp_path):
     lowdim = SamplerConfig(horizon=6, n_obs_steps=2, n_action_steps=3, obs_keys=["observation.state"])
     train = EpisodeDataset(
