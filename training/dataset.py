@@ -108,28 +108,23 @@ class EpisodeDataset(torch.utils.data.Dataset):
         """All windows gathered on ``device`` (:class:`DeviceWindows`), or None when that cannot be
         done: a key is visual or not cached, or the arrays exceed ``max_bytes`` as float32.
 
-        Every split caches the whole store's rows, so ``share`` (another split's windows of the
-        same store on the same device) lends its device arrays instead of a second copy."""
+        ``share`` (another split's windows, e.g. the training split's for validation) lends its
+        device copy of every array this split holds too (:meth:`split_dataset` hands the
+        in-memory arrays on), instead of a second copy on the device."""
         if any(k.startswith(VISUAL_PREFIXES) or k not in self._cached for k in self._keys):
             return None
         nbytes = sum(self._cached[k].size * 4 for k in self._keys)
         if max_bytes is not None and nbytes > max_bytes:
             return None
-        source = (os.path.realpath(self.cfg.path), self.num_frames, tuple(self._keys))
-        device = torch.device(device)
-        if share is not None and share.source == source and share.device == device:
-            arrays: dict[str, np.ndarray | torch.Tensor] = share.arrays
-        else:
-            arrays = {k: self._cached[k] for k in self._keys}
         return DeviceWindows(
-            arrays,
+            {k: self._cached[k] for k in self._keys},
             self.sampler.indices,
             self.sampler.obs_keys,
             self.sampler.action_keys,
             n_obs_steps=self.cfg.sampler.n_obs_steps,
             horizon=self.cfg.sampler.horizon,
-            device=device,
-            source=source,
+            device=torch.device(device),
+            share=share,
         )
 
     def split_dataset(self, split: str) -> EpisodeDataset:
@@ -191,7 +186,7 @@ class DeviceWindows:
 
     def __init__(
         self,
-        arrays: dict[str, np.ndarray | torch.Tensor],
+        arrays: dict[str, np.ndarray],
         indices: np.ndarray,
         obs_keys: list[str],
         action_keys: list[str],
@@ -199,14 +194,20 @@ class DeviceWindows:
         n_obs_steps: int,
         horizon: int,
         device: torch.device,
-        source: Any = None,
+        share: DeviceWindows | None = None,
     ):
         self.device = device
-        self.source = source  # what the arrays hold (store, rows, keys): whether another split may share them
         self.obs_keys = list(obs_keys)
         self.action_keys = list(action_keys)
-        # Float32 tensors already on the device (another split's) are taken as they are, not copied.
-        self.arrays = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in arrays.items()}
+        self.host_arrays = dict(arrays)
+        # An array ``share`` was made from (the very same host array) is on this device already.
+        lend = share.arrays if share is not None and share.device == device else {}
+        self.arrays = {
+            k: lend[k]
+            if k in lend and share.host_arrays[k] is v
+            else torch.as_tensor(np.asarray(v, dtype=np.float32), device=device)
+            for k, v in arrays.items()
+        }
         rows = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=device)  # (M, 4)
         self._buffer_start = rows[:, 0]
         self._last_row = rows[:, 1] - 1
