@@ -62,12 +62,14 @@ class BenchRowConfig:
 
 
 def _default_rows() -> list[BenchRowConfig]:
-    """The teacher without and with the cache, the distilled student at 1-2 steps, and speculation
-    on the recorded stream and on one whose actions repeat (each against the same row without it)."""
+    """The teacher without and with the cache, the teacher's own weights in one x0 step (what the
+    distillation has to beat), the distilled student at 1-2 steps, and speculation on the recorded
+    stream and on one whose actions repeat (each against the same row without it)."""
     return [
         BenchRowConfig("teacher", "euler", 8, kv_cache=False),
         BenchRowConfig("teacher", "euler", 8),
         BenchRowConfig("teacher", "euler", 4),
+        BenchRowConfig("teacher weights, 1 step", "x0", 1),
         BenchRowConfig("student", "x0", 2, model="student"),
         BenchRowConfig("student", "x0", 1, model="student"),
         BenchRowConfig("student + speculation", "x0", 1, speculate=4, model="student"),
@@ -80,6 +82,8 @@ def _teacher_only_rows() -> list[BenchRowConfig]:
     """Without a student: the same rows with the teacher's weights under the few-step solver."""
     rows = []
     for r in _default_rows():
+        if r.model == "teacher" and r.solver == "x0":
+            continue  # the few-step rows below are this row
         if r.model == "student":
             r = BenchRowConfig(
                 **{**r.__dict__, "model": "teacher", "name": r.name.replace("student", "few-step")}

@@ -17,6 +17,10 @@ the same time t_n of an N-point grid (``sampling_times`` with ``teacher_steps`` 
 4. loss = mean squared error between the student's x_0 estimate at t_n and the target, on target
    frames.
 
+With ``rollout_prob`` a batch's context frames (and so the targets' anchor) are the student's own
+1-step rollout instead of real frames (``own_rollout_context``), as the teacher's training does
+with ``FlowMatchingConfig.rollout_prob``; the targets stay real frames.
+
 Block-causal attention makes this one recipe cover both ways the model generates: the first
 target frame sees only context, so its ODE is the one of single-frame generation; the frames
 after it see it at the same noise level, which is exactly how ``Rollout.speculate`` denoises k
@@ -56,7 +60,7 @@ from dreamrt.world_models.dynamics import (
     frame_conditions,
     generation_layout,
 )
-from dreamrt.world_models.sampling import FrameSamplerConfig, sampling_times
+from dreamrt.world_models.sampling import FrameSamplerConfig, own_rollout_context, sampling_times
 from dreamrt.world_models.train import MISSING, OptimConfig, _fit, _split_rows, evaluate_one_step
 
 
@@ -70,6 +74,10 @@ class WorldModelDistillConfig:
     clip_frames: int = 8  # T
     max_targets: int = 4  # target frames per clip at most (the rest is context); 1..T-1
     context_noise_max: float = 0.05  # context frames draw t ~ U[0, this]
+    # Chance a batch's context is the student's own 1-step rollout (``own_rollout_context``) instead of
+    # real frames, as for the teacher (``FlowMatchingConfig.rollout_prob``): the teacher's ODE step
+    # and the target then start from the frames the student will really continue.
+    rollout_prob: float = 0.0
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
             steps=2000, batch_size=8, lr=1e-4, warmup_steps=100, save_every=250
@@ -91,6 +99,13 @@ class WorldModelDistillConfig:
                 f"clip_frames must be >= 2 and max_targets in [1, clip_frames), got clip_frames="
                 f"{self.clip_frames}, max_targets={self.max_targets}: a clip needs at least one context frame."
             )
+        if not 0.0 <= self.rollout_prob <= 1.0:
+            raise UserError(f"rollout_prob must be in [0, 1], got {self.rollout_prob}.")
+        if self.rollout_prob and self.clip_frames - 1 - self.max_targets < 1:
+            raise UserError(
+                f"rollout_prob needs clip_frames >= max_targets + 2 (a real frame to start the rollout from and "
+                f"one generated frame), got clip_frames={self.clip_frames}, max_targets={self.max_targets}."
+            )
         if not 0.0 <= self.context_noise_max < 1.0 or self.threads < 0:
             raise UserError(
                 f"context_noise_max must be in [0, 1) and threads >= 0, got {self.context_noise_max}, "
@@ -105,8 +120,11 @@ def consistency_loss(
     cond: FrameCond,
     cfg: WorldModelDistillConfig,
     generator: torch.Generator | None = None,
+    context_latents: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The CD loss of the module docstring on a batch of clips: latents (B, T, C, gh, gw)."""
+    """The CD loss of the module docstring on a batch of clips: latents (B, T, C, gh, gw).
+    ``context_latents`` (default ``latents``) are what context frames show and targets start from;
+    target frames are noised from ``latents``."""
     b, frames = latents.shape[:2]
     times = torch.tensor(sampling_times(FrameSamplerConfig(steps=cfg.teacher_steps, shift=cfg.shift)))
     n = torch.randint(cfg.teacher_steps, (b,), generator=generator)
@@ -114,9 +132,11 @@ def consistency_loss(
     target, anchor = generation_layout(b, frames, cfg.max_targets, generator)
     t_ctx = torch.rand((b, frames), generator=generator) * cfg.context_noise_max
     noise = torch.randn(latents.shape, generator=generator)
-    source = flow_source(student.config, latents, noise, target, anchor)
+    shown = latents if context_latents is None else context_latents
+    source = flow_source(student.config, shown, noise, target, anchor)
     t = torch.where(target, t_hi, t_ctx)
-    x_t = (1 - _frames(t)) * latents + _frames(t) * source
+    clean = torch.where(_frames(target), latents, shown)
+    x_t = (1 - _frames(t)) * clean + _frames(t) * source
     with torch.no_grad():
         v_teacher = teacher(x_t, t, cond)
         step = torch.where(target, t_lo - t_hi, torch.zeros(()))  # context frames stay put
@@ -189,11 +209,17 @@ def run(cfg: WorldModelDistillConfig, out_dir: Path) -> JobResult:
     student.load_state_dict(teacher.state_dict())
     latents, actions, states = episodes.latents, episodes.actions, episodes.states
 
+    rollout_sampler = FrameSamplerConfig(solver="x0", steps=1, temperature=0.0)
+    last_first = cfg.clip_frames - 1 - cfg.max_targets  # the rollout ends at the earliest anchor or later
+
     def loss_fn():
         rows = train_clips.sample(cfg.optim.batch_size)
-        return consistency_loss(
-            student, teacher, latents[rows], frame_conditions(actions[rows], states[rows]), cfg
-        )
+        clips, a, s = latents[rows], actions[rows], states[rows]
+        shown = None
+        if cfg.rollout_prob and float(torch.rand(())) < cfg.rollout_prob:
+            first = int(torch.randint(1, last_first + 1, ()))
+            shown = own_rollout_context(student, clips, a, s, first, rollout_sampler)
+        return consistency_loss(student, teacher, clips, frame_conditions(a, s), cfg, context_latents=shown)
 
     step, logged = _fit(student, cfg, out_dir, DYNAMICS_KIND, loss_fn, lambda m: None, normalizer)
 

@@ -582,14 +582,22 @@ class FlowMatchingConfig:
     context_loss_weight: float = 0.0  # loss weight of context frames (targets at t ~ 0 are mostly noise)
     p_uncond: float = 0.1  # chance a frame's action/state condition is replaced by the null embedding
     max_targets: int = 4  # source="last_frame" models: frames generated together at most (1..T-1)
+    # Chance a batch's context is the model's own rollout instead of real frames (source="last_frame"
+    # models, `dreamrt train world-model`): frames from a random point up to the anchor are generated
+    # by the model under the recorded actions (``own_rollout_context``, ``rollout_steps`` Euler steps at
+    # temperature 0) and the targets stay real, so it learns to continue, and correct, its own frames.
+    rollout_prob: float = 0.0
+    rollout_steps: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("context_prob", "context_noise_max", "p_uncond"):
+        for name in ("context_prob", "context_noise_max", "p_uncond", "rollout_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise UserError(f"FlowMatchingConfig.{name} must be in [0, 1], got {value!r}.")
         if self.context_prob >= 1.0:
             raise UserError("FlowMatchingConfig.context_prob must be < 1: some frames need a loss.")
+        if self.rollout_steps < 1:
+            raise UserError(f"FlowMatchingConfig.rollout_steps must be >= 1, got {self.rollout_steps}.")
         if self.t_std <= 0 or self.context_loss_weight < 0 or self.max_targets < 1:
             raise UserError(
                 f"FlowMatchingConfig.t_std must be > 0, context_loss_weight >= 0 and max_targets >= 1, got "
@@ -639,8 +647,11 @@ def flow_matching_loss(
     cond: FrameCond,
     cfg: FlowMatchingConfig,
     generator: torch.Generator | None = None,
+    context_latents: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Velocity MSE over a batch of clips: latents (B, T, C, gh, gw), conditions for the T frames.
+    ``context_latents`` (same shape, default ``latents``) are what context frames show and target
+    frames start from (the anchor): the model's own rollout, for training on it; targets stay ``latents``.
 
     ``source="noise"`` models train diffusion-forcing style (an independent t per frame, context
     frames drawn with ``context_prob``); ``source="last_frame"`` models in the generation layout
@@ -660,13 +671,15 @@ def flow_matching_loss(
         t, context = torch.where(target, t_target, t_context), ~target
     t, context, anchor = t.to(device), context.to(device), anchor.to(device)
     noise = torch.randn(latents.shape, generator=generator).to(device)
-    source = flow_source(model.config, latents, noise, ~context, anchor)
+    shown = latents if context_latents is None else context_latents
+    source = flow_source(model.config, shown, noise, ~context, anchor)
     tb = t.view(b, frames, 1, 1, 1)
-    x_t = (1 - tb) * latents + tb * source
+    clean = torch.where(context.view(b, frames, 1, 1, 1), shown, latents)
+    x_t = (1 - tb) * clean + tb * source
     drop = (torch.rand((b, frames), generator=generator) < cfg.p_uncond).to(device)
     cond = FrameCond(cond.actions, cond.states, cond.valid & ~drop)
     v = model(x_t, t, cond)
-    per_frame = (v - (source - latents)).pow(2).mean(dim=(2, 3, 4))  # (B, T)
+    per_frame = (v - (source - clean)).pow(2).mean(dim=(2, 3, 4))  # (B, T)
     weight = torch.where(context, cfg.context_loss_weight, 1.0)
     loss = (per_frame * weight).sum() / weight.sum().clamp_min(1e-6)
     return loss, {"loss": float(loss.detach()), "context_frames": float(context.float().mean())}

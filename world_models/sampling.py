@@ -66,8 +66,9 @@ class FrameSamplerConfig:
     context_noise: float = 0.0  # tc: noise level of generated frames when they become context
     # Scale of the starting (and re-noising) noise: 1 samples the model's distribution; 0 starts
     # every frame at the source's mean (the last frame, for source="last_frame" models), which keeps
-    # sampling noise from accumulating over long rollouts.
-    temperature: float = 1.0
+    # sampling noise from accumulating over long rollouts. 0 is measured better on every shipped
+    # model (docs/world_models.md), and models trained on their own rollouts generated them at 0.
+    temperature: float = 0.0
     kv_write: str = "fused"  # "fused" | "clean_pass" (see the module docstring)
     seed: int = 0
 
@@ -438,3 +439,43 @@ class Rollout:
     def _trim(self) -> None:
         held = set(self.cache.frames())
         self.context = {i: f for i, f in self.context.items() if i in held}
+
+
+# ---------------------------------------------------------------------------- training on own rollouts
+
+
+def own_rollout_context(
+    model: NextFrameDiT,
+    latents: Tensor,
+    actions: Tensor,
+    states: Tensor,
+    first: int,
+    sampler: FrameSamplerConfig,
+) -> Tensor:
+    """The clips ``latents`` (B, T, C, gh, gw) as the model itself would continue them: frames
+    ``first .. T-2`` replaced by its own cached rollout from the real frames before ``first`` under
+    the recorded actions (B, T, A) and states (B, T, S) (store-aligned); the last frame is kept.
+
+    Training on these as context (``FlowMatchingConfig.rollout_prob``) shows the model the frames it
+    will really be conditioned on after a few generated steps, rather than only real ones (exposure
+    bias). A normal tensor, no gradient; the model's train/eval mode is left as it was.
+    """
+    b, frames = latents.shape[:2]
+    if not 1 <= first <= frames - 2:
+        raise UserError(
+            f"own_rollout_context: first must be in [1, {frames - 2}] (T = {frames}), got {first}."
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        rollout = Rollout(model, sampler, batch_size=b)
+        with_states = states.shape[-1] > 0
+        rollout.prefill(latents[:, :first], actions[:, :first], states[:, :first] if with_states else None)
+        generated = [
+            rollout.step(actions[:, i - 1], states[:, i - 1] if with_states else None)
+            for i in range(first, frames - 1)
+        ]
+    finally:
+        model.train(was_training)
+    # Cloned outside inference mode: the result feeds a graph that autograd records.
+    return torch.cat([latents[:, :first], torch.stack(generated, 1).clone(), latents[:, -1:]], 1)

@@ -42,7 +42,7 @@ from dreamrt.world_models.dynamics import (
     flow_matching_loss,
     frame_conditions,
 )
-from dreamrt.world_models.sampling import FrameSamplerConfig
+from dreamrt.world_models.sampling import FrameSamplerConfig, own_rollout_context
 from dreamrt.world_models.tokenizer import TOKENIZER_KIND, Tokenizer, TokenizerConfig, psnr
 
 MISSING = "???"  # OmegaConf's marker for a required value
@@ -118,6 +118,17 @@ class DynamicsTrainConfig:
         if self.clip_frames < 2 or self.eval_clips < 1:
             raise UserError(
                 f"clip_frames must be >= 2 and eval_clips >= 1, got {self.clip_frames}, {self.eval_clips}."
+            )
+        if self.flow.rollout_prob and self.model.source != "last_frame":
+            raise UserError(
+                "flow.rollout_prob needs a model.source=last_frame model: own-rollout context is laid out as "
+                "generation lays it out (context, then targets from the last context frame)."
+            )
+        if self.flow.rollout_prob and self.clip_frames - 1 - self.flow.max_targets < 1:
+            raise UserError(
+                f"flow.rollout_prob needs clip_frames >= flow.max_targets + 2 (a real frame to start the rollout "
+                f"from and one generated frame), got clip_frames={self.clip_frames}, max_targets="
+                f"{self.flow.max_targets}."
             )
 
 
@@ -419,11 +430,19 @@ def run_dynamics(cfg: DynamicsTrainConfig, out_dir: Path) -> JobResult:
     torch.manual_seed(cfg.seed)
     model = NextFrameDiT(model_cfg)
 
+    flow = cfg.flow
+    rollout_sampler = FrameSamplerConfig(steps=flow.rollout_steps, temperature=0.0)
+    # Own-rollout context starts at a real frame and ends at the earliest possible anchor or later.
+    last_first = cfg.clip_frames - 1 - flow.max_targets
+
     def loss_fn():
         rows = train_clips.sample(cfg.optim.batch_size)  # (B, T)
-        return flow_matching_loss(
-            model, latents[rows], frame_conditions(actions[rows], states[rows]), cfg.flow
-        )
+        clips, a, s = latents[rows], actions[rows], states[rows]
+        shown = None
+        if flow.rollout_prob and float(torch.rand(())) < flow.rollout_prob:
+            first = int(torch.randint(1, last_first + 1, ()))
+            shown = own_rollout_context(model, clips, a, s, first, rollout_sampler)
+        return flow_matching_loss(model, clips, frame_conditions(a, s), flow, context_latents=shown)
 
     step, rows = _fit(model, cfg, out_dir, DYNAMICS_KIND, loss_fn, lambda m: None, normalizer.to_dict())
     evaluation = evaluate_one_step(

@@ -107,9 +107,11 @@ def test_cache_rollback_and_snapshot_are_exact():
 @pytest.mark.parametrize(
     "sampler",
     [
-        FrameSamplerConfig(steps=3, kv_write="fused", context_noise=0.05),
-        FrameSamplerConfig(steps=3, kv_write="clean_pass", context_noise=0.05),
-        FrameSamplerConfig(solver="x0", timesteps=[1.0, 0.5], kv_write="fused", context_noise=0.1, seed=3),
+        FrameSamplerConfig(steps=3, kv_write="fused", context_noise=0.05, temperature=1.0),
+        FrameSamplerConfig(steps=3, kv_write="clean_pass", context_noise=0.05, temperature=1.0),
+        FrameSamplerConfig(
+            solver="x0", timesteps=[1.0, 0.5], kv_write="fused", context_noise=0.1, seed=3, temperature=1.0
+        ),
     ],
     ids=["euler-fused", "euler-clean-pass", "x0-2-step-fused"],
 )
@@ -146,7 +148,10 @@ def test_rejected_speculation_restores_the_cache_exactly():
     model = _model()
     latents, actions, states = _context(model)
     rollout = Rollout(
-        model, FrameSamplerConfig(steps=2, kv_write="clean_pass"), batch_size=B, max_speculation=3
+        model,
+        FrameSamplerConfig(steps=2, kv_write="clean_pass", temperature=1.0),
+        batch_size=B,
+        max_speculation=3,
     )
     rollout.prefill(latents, actions, states)
     action, state = torch.randn(B, 3), torch.randn(B, 2)
@@ -166,7 +171,7 @@ def test_fused_rejected_speculation_leaves_generation_unchanged():
     # anyway), so compare what matters: the frames generated afterwards.
     model = _model()
     latents, actions, states = _context(model)
-    sampler = FrameSamplerConfig(steps=2, kv_write="fused", context_noise=0.05)
+    sampler = FrameSamplerConfig(steps=2, kv_write="fused", context_noise=0.05, temperature=1.0)
     plain = Rollout(model, sampler, batch_size=B, max_speculation=2)
     speculative = Rollout(model, sampler, batch_size=B, max_speculation=2)
     for rollout in (plain, speculative):
@@ -183,7 +188,7 @@ def test_fused_rejected_speculation_leaves_generation_unchanged():
 def test_rollout_snapshot_restore_replays():
     model = _model()
     latents, actions, states = _context(model)
-    rollout = Rollout(model, FrameSamplerConfig(steps=2), batch_size=B)
+    rollout = Rollout(model, FrameSamplerConfig(steps=2, temperature=1.0), batch_size=B)
     rollout.prefill(latents, actions, states)
     action, state = torch.randn(B, 3), torch.randn(B, 2)
     snap = rollout.snapshot()
@@ -229,7 +234,7 @@ def test_last_frame_source_starts_the_flow_at_the_last_clean_frame():
         preset("tiny", action_dim=3, state_dim=2, source="last_frame", source_sigma=0.25)
     ).eval()
     latents, actions, states = _context(model)
-    rollout = Rollout(model, FrameSamplerConfig(steps=2, context_noise=0.1), batch_size=B)
+    rollout = Rollout(model, FrameSamplerConfig(steps=2, context_noise=0.1, temperature=1.0), batch_size=B)
     rollout.prefill(latents, actions, states)
     frame = rollout.step(torch.zeros(B, 3), torch.zeros(B, 2))
     offset = frame - latents[:, -1]  # the clean latent, not its noised context form
@@ -247,5 +252,6 @@ def test_temperature_zero_starts_at_the_source_mean():
     rollout = Rollout(model, FrameSamplerConfig(steps=2, temperature=0.0), batch_size=B)
     rollout.prefill(latents, actions, states)
     assert torch.equal(rollout.step(torch.zeros(B, 3), torch.zeros(B, 2)), latents[:, -1])
+    assert FrameSamplerConfig().temperature == 0.0  # the default every tool samples at
     with pytest.raises(UserError, match="temperature"):
         FrameSamplerConfig(temperature=1.5)

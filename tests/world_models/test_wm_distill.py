@@ -42,8 +42,10 @@ def _gap_to_teacher(student: NextFrameDiT, teacher: NextFrameDiT, latents, cond)
     for i in range(latents.shape[0]):
         ctx = context_frames(latents[i : i + 1, :3], _pick(cond, i, 0, 3), FrameSamplerConfig())
         nxt = _pick(cond, i, 3, 4)
-        ref, _ = generate_uncached(teacher, ctx, nxt, FrameSamplerConfig(steps=8, seed=i))
-        got, _ = generate_uncached(student, ctx, nxt, FrameSamplerConfig(solver="x0", steps=1, seed=i))
+        ref, _ = generate_uncached(teacher, ctx, nxt, FrameSamplerConfig(steps=8, seed=i, temperature=1.0))
+        got, _ = generate_uncached(
+            student, ctx, nxt, FrameSamplerConfig(solver="x0", steps=1, seed=i, temperature=1.0)
+        )
         gaps.append(float((got - ref).pow(2).mean()))
     return sum(gaps) / len(gaps)
 
@@ -74,3 +76,28 @@ def test_distill_config_errors():
         WorldModelDistillConfig(teacher="t", store="s", clip_frames=4, max_targets=4)
     with pytest.raises(UserError, match="teacher_steps"):
         WorldModelDistillConfig(teacher="t", store="s", teacher_steps=0)
+
+
+def test_consistency_loss_reads_context_from_context_latents():
+    teacher = _teacher()
+    cfg = WorldModelDistillConfig(teacher="t", store="s", teacher_steps=4, clip_frames=5, max_targets=1)
+    latents, cond = _clips(4, 5, seed=7)
+
+    def loss(context_latents=None) -> float:
+        value, _ = consistency_loss(
+            teacher, teacher, latents, cond, cfg, torch.Generator().manual_seed(0), context_latents
+        )
+        return float(value.detach())
+
+    base = loss()
+    assert loss(latents.clone()) == base
+    other_target = latents.clone()
+    other_target[:, -1] += 1.0
+    assert loss(other_target) == base  # targets are noised from the real frames
+    other_anchor = latents.clone()
+    other_anchor[:, -2] += 1.0
+    assert loss(other_anchor) != base
+    with pytest.raises(UserError, match="rollout_prob needs clip_frames"):
+        WorldModelDistillConfig(teacher="t", store="s", clip_frames=4, max_targets=3, rollout_prob=0.5)
+    with pytest.raises(UserError, match="rollout_prob must be"):
+        WorldModelDistillConfig(teacher="t", store="s", rollout_prob=2.0)

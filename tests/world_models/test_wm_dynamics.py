@@ -21,7 +21,7 @@ from dreamrt.world_models.dynamics import (
     preset,
     save_dynamics,
 )
-from dreamrt.world_models.sampling import FrameSamplerConfig, Rollout
+from dreamrt.world_models.sampling import FrameSamplerConfig, Rollout, own_rollout_context
 from dreamrt.world_models.synthetic import MovingSquareConfig, moving_square_episode
 
 
@@ -224,3 +224,53 @@ def test_last_frame_models_train_in_the_generation_layout():
     assert 1 / 5 <= info["context_frames"] <= 4 / 5
     with pytest.raises(UserError, match="max_targets"):
         flow_matching_loss(model, x, cond, FlowMatchingConfig(max_targets=5))
+
+
+def test_own_rollout_context_is_the_models_cached_rollout():
+    model = _model(source="last_frame").train()
+    x, _, _ = _inputs(model, b=3, t=6)
+    g = torch.Generator().manual_seed(1)
+    actions, states = torch.randn(3, 6, 3, generator=g), torch.randn(3, 6, 2, generator=g)
+    sampler = FrameSamplerConfig(steps=2, temperature=0.0)
+    shown = own_rollout_context(model, x, actions, states, 2, sampler)
+    assert model.training  # the mode the training loop set is kept
+    assert torch.equal(shown[:, :2], x[:, :2]) and torch.equal(shown[:, -1], x[:, -1])
+
+    rollout = Rollout(model.eval(), sampler, batch_size=3)
+    rollout.prefill(x[:, :2], actions[:, :2], states[:, :2])
+    expected = torch.stack([rollout.step(actions[:, i - 1], states[:, i - 1]) for i in (2, 3, 4)], 1)
+    torch.testing.assert_close(shown[:, 2:5], expected)
+    assert not torch.equal(shown[:, 2:5], x[:, 2:5])
+
+    # It feeds a training loss that backpropagates (no inference tensors leak into the graph).
+    model.train()
+    loss, _ = flow_matching_loss(
+        model, x, frame_conditions(actions, states), FlowMatchingConfig(max_targets=2), context_latents=shown
+    )
+    loss.backward()
+    with pytest.raises(UserError, match="first must be in"):
+        own_rollout_context(model, x, actions, states, 5, sampler)
+
+
+def test_loss_reads_context_and_anchor_from_context_latents_and_targets_from_latents():
+    model = _model(source="last_frame")
+    x, _, cond = _inputs(model, b=4, t=5)
+    flow = FlowMatchingConfig(max_targets=1)  # the last frame is the only target; frame 3 the anchor
+
+    def loss(context_latents=None) -> float:
+        value, _ = flow_matching_loss(
+            model, x, cond, flow, torch.Generator().manual_seed(0), context_latents=context_latents
+        )
+        return float(value.detach())
+
+    base = loss()
+    assert loss(x.clone()) == base
+    other_target = x.clone()
+    other_target[:, -1] += 1.0
+    assert loss(other_target) == base  # what a target frame should become is always the real frame
+    other_anchor = x.clone()
+    other_anchor[:, -2] += 1.0
+    assert loss(other_anchor) != base  # the target's flow starts from the shown anchor
+    other_early = x.clone()
+    other_early[:, 0] += 1.0
+    assert loss(other_early) != base  # earlier context is attended to

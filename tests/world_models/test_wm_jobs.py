@@ -145,8 +145,9 @@ def test_speculation_rejects_changing_actions(stream):
 def test_world_model_env(trained):
     store, run_dir, _ = trained
     env = WorldModelEnv.from_checkpoints(
-        str(run_dir / "tokenizer"), str(run_dir / "dynamics"), str(store), sampler=FrameSamplerConfig(steps=2),
-        max_episode_steps=5,
+        # temperature 1: the 4-step model barely moves its frames off the last one at 0
+        str(run_dir / "tokenizer"), str(run_dir / "dynamics"), str(store),
+        sampler=FrameSamplerConfig(steps=2, temperature=1.0), max_episode_steps=5,
     )  # fmt: skip
     check_env(env, skip_render_check=True)
     obs, info = env.reset(seed=3, options={"episode": 2, "start": 4})
@@ -307,6 +308,36 @@ def test_distill_world_model_job(trained, distilled):
         distill_run(dataclasses.replace(cfg, teacher=str(out)), out)
 
 
+def test_distill_on_the_students_own_rollouts(trained, tmp_path, monkeypatch):
+    import dreamrt.world_models.distill as distill_module
+    from dreamrt.world_models.sampling import own_rollout_context
+
+    store, run_dir, _ = trained
+    calls = []
+
+    def spy(model, latents, actions, states, first, sampler):
+        calls.append((model.training, first, sampler.solver, sampler.steps))
+        return own_rollout_context(model, latents, actions, states, first, sampler)
+
+    monkeypatch.setattr(distill_module, "own_rollout_context", spy)
+    cfg = distill_module.WorldModelDistillConfig(
+        teacher=str(run_dir / "dynamics"),
+        store=str(store),
+        teacher_steps=4,
+        clip_frames=5,
+        max_targets=2,
+        eval_clips=4,
+        val_ratio=0.2,
+        rollout_prob=1.0,
+        optim=OptimConfig(steps=3, batch_size=4, warmup_steps=1, log_every=3, save_every=3),
+    )
+    summary = distill_module.run(cfg, tmp_path / "student").summary
+    assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
+    # The student (being trained) generated each batch's context in its own 1-step sampling.
+    assert calls == [(True, calls[i][1], "x0", 1) for i in range(3)]
+    assert all(1 <= first <= 2 for _, first, _, _ in calls)
+
+
 def test_bench_default_rows_with_a_student(trained, distilled):
     store, run_dir, _ = trained
     cfg = bench.BenchWorldModelConfig(
@@ -321,6 +352,8 @@ def test_bench_default_rows_with_a_student(trained, distilled):
     rows = bench.run(cfg).summary["rows"]
     by_name = {r["name"]: r for r in rows}
     assert {r["model"] for r in rows[:-2]} == {"teacher", "student"}
+    undistilled = by_name["teacher weights, 1 step"]
+    assert (undistilled["model"], undistilled["sampler"], undistilled["steps"]) == ("teacher", "x0", 1)
     held = by_name["student + spec., held actions"]
     assert held["action_hold"] == 4 and held["speculative"] == 4
     # Speedups compare with the same configuration without speculation, from the same run.

@@ -1,15 +1,17 @@
 """Training jobs end to end on a tiny synthetic episode store: tokenizer, then dynamics, then resume."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from dreamrt.episodes import Normalizer, open_store
 from dreamrt.errors import UserError
 from dreamrt.training.checkpoint import load_checkpoint
 from dreamrt.world_models.dynamics import load_dynamics, preset
-from dreamrt.world_models.sampling import FrameSamplerConfig
+from dreamrt.world_models.sampling import FrameSamplerConfig, own_rollout_context
 from dreamrt.world_models.synthetic import MovingSquareConfig, write_moving_square_store
 from dreamrt.world_models.tokenizer import load_tokenizer
 from dreamrt.world_models.tokenizer import preset as tokenizer_preset
@@ -101,3 +103,47 @@ def test_job_config_errors(store):
             ),
             store.parent / "never",
         )
+
+
+def test_dynamics_job_trains_on_its_own_rollouts(store, tmp_path, monkeypatch):
+    import dreamrt.world_models.train as train_module
+    from dreamrt.world_models.dynamics import FlowMatchingConfig
+
+    tok_dir = tmp_path / "tok"
+    run_tokenizer(
+        TokenizerTrainConfig(
+            store=str(store),
+            model=tokenizer_preset("tiny"),
+            optim=OptimConfig(steps=2, batch_size=8, warmup_steps=1, save_every=2),
+        ),
+        tok_dir,
+    )
+    calls = []
+
+    def spy(model, latents, actions, states, first, sampler):
+        shown = own_rollout_context(model, latents, actions, states, first, sampler)
+        calls.append((first, sampler.steps, bool(torch.equal(shown, latents))))
+        return shown
+
+    monkeypatch.setattr(train_module, "own_rollout_context", spy)
+    cfg = DynamicsTrainConfig(
+        store=str(store),
+        tokenizer=str(tok_dir),
+        model=preset("tiny", action_dim=1, state_dim=1),
+        flow=FlowMatchingConfig(rollout_prob=1.0, rollout_steps=3, max_targets=2),
+        clip_frames=5,
+        eval_clips=4,
+        optim=OptimConfig(steps=4, batch_size=4, warmup_steps=1, log_every=2, save_every=4),
+    )
+    assert np.isfinite(run_dynamics(cfg, tmp_path / "dyn").summary["final_loss"])
+    # Every step drew its context from the model: starting at a real frame, ending at an anchor.
+    assert len(calls) == 4 and all(
+        1 <= first <= 2 and steps == 3 and not same for first, steps, same in calls
+    )
+
+    with pytest.raises(UserError, match="clip_frames >= flow.max_targets"):
+        dataclasses.replace(cfg, clip_frames=3)
+    with pytest.raises(UserError, match="model.source=last_frame"):
+        dataclasses.replace(cfg, model=preset("tiny", action_dim=1, state_dim=1, source="noise"))
+    with pytest.raises(UserError, match="rollout_steps"):
+        FlowMatchingConfig(rollout_steps=0)
