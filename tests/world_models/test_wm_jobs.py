@@ -308,11 +308,12 @@ def test_distill_world_model_job(trained, distilled):
         distill_run(dataclasses.replace(cfg, teacher=str(out)), out)
 
 
-def test_distill_on_the_students_own_rollouts(trained, tmp_path, monkeypatch):
+def test_distill_on_the_students_own_rollouts(distilled, tmp_path, monkeypatch):
+    import dataclasses
+
     import dreamrt.world_models.distill as distill_module
     from dreamrt.world_models.sampling import own_rollout_context
 
-    store, run_dir, _ = trained
     calls = []
 
     def spy(model, latents, actions, states, first, sampler):
@@ -320,14 +321,8 @@ def test_distill_on_the_students_own_rollouts(trained, tmp_path, monkeypatch):
         return own_rollout_context(model, latents, actions, states, first, sampler)
 
     monkeypatch.setattr(distill_module, "own_rollout_context", spy)
-    cfg = distill_module.WorldModelDistillConfig(
-        teacher=str(run_dir / "dynamics"),
-        store=str(store),
-        teacher_steps=4,
-        clip_frames=5,
-        max_targets=2,
-        eval_clips=4,
-        val_ratio=0.2,
+    cfg = dataclasses.replace(
+        distilled[2],
         rollout_prob=1.0,
         optim=OptimConfig(steps=3, batch_size=4, warmup_steps=1, log_every=3, save_every=3),
     )
