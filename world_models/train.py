@@ -108,6 +108,9 @@ class DynamicsTrainConfig:
     eval_clips: int = 64
     seed: int = 0
     threads: int = 0
+    # A trained dynamics checkpoint (or run) whose weights and architecture start a new run; see
+    # start_from. The run's optimiser and schedule start fresh.
+    init: str = ""
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -171,6 +174,7 @@ class TrainWorldModelConfig:
     eval_clips: int = 64
     seed: int = 0
     threads: int = 0
+    init: str = ""  # stage=dynamics: start from this dynamics checkpoint's weights (DynamicsTrainConfig.init)
 
     def __post_init__(self) -> None:
         from dreamrt.errors import choose
@@ -215,6 +219,7 @@ class TrainWorldModelConfig:
             eval_clips=self.eval_clips,
             seed=self.seed,
             threads=self.threads,
+            init=self.init,
         )
 
 
@@ -417,7 +422,7 @@ def run_dynamics(cfg: DynamicsTrainConfig, out_dir: Path) -> JobResult:
     normalizer = episodes.normalizer
 
     model_cfg = dataclasses.replace(
-        cfg.model,
+        cfg.model if not cfg.init else _init_architecture(cfg),
         action_dim=actions.shape[1],
         state_dim=states.shape[1],
         latent_channels=tc.latent_channels,
@@ -429,6 +434,8 @@ def run_dynamics(cfg: DynamicsTrainConfig, out_dir: Path) -> JobResult:
 
     torch.manual_seed(cfg.seed)
     model = NextFrameDiT(model_cfg)
+    if cfg.init:
+        start_from(model, cfg.init)
 
     flow = cfg.flow
     rollout_sampler = FrameSamplerConfig(steps=flow.rollout_steps, temperature=0.0)
@@ -465,6 +472,52 @@ def run_dynamics(cfg: DynamicsTrainConfig, out_dir: Path) -> JobResult:
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return JobResult(summary=summary)
+
+
+def _init_architecture(cfg: DynamicsTrainConfig) -> DynamicsConfig:
+    """The architecture of ``cfg.init``; a ``model.*`` override that contradicts it is an error, not ignored."""
+    from dreamrt.training.checkpoint import config_from_dict, load_checkpoint
+
+    ckpt = load_checkpoint(cfg.init, kind=DYNAMICS_KIND)
+    saved = config_from_dict(DynamicsConfig, ckpt.config, source=f"{ckpt.path}/config.yaml")
+    defaults = DynamicsConfig()
+    shape_fields = ("action_dim", "state_dim", "latent_channels", "latent_size")
+    clashes = [
+        f.name
+        for f in dataclasses.fields(DynamicsConfig)
+        if f.name not in shape_fields
+        and getattr(cfg.model, f.name) != getattr(defaults, f.name)
+        and getattr(cfg.model, f.name) != getattr(saved, f.name)
+    ]
+    if clashes:
+        raise UserError(
+            f"init={cfg.init} fixes the architecture, but model.{clashes[0]}="
+            f"{getattr(cfg.model, clashes[0])!r} differs from its {getattr(saved, clashes[0])!r}. Drop the "
+            f"model.* overrides ({', '.join(clashes)}) or start without init."
+        )
+    return saved
+
+
+def start_from(model: NextFrameDiT, path: str) -> None:
+    """Copy a trained dynamics checkpoint's weights into ``model`` (same architecture).
+
+    The one shape allowed to differ is the condition's input: a checkpoint trained on actions
+    alone may start a model that also reads the robot state (state columns after the action
+    columns, as ``NextFrameDiT.condition`` concatenates them). Those columns start at zero, so
+    the new model begins exactly as the checkpoint and learns what the state adds."""
+    from dreamrt.training.checkpoint import load_checkpoint, load_into
+
+    ckpt = load_checkpoint(path, kind=DYNAMICS_KIND)
+    weights = dict(ckpt.model_state)
+    key = "cond_mlp.0.weight"
+    want = model.state_dict()[key]
+    got = weights.get(key)
+    a = model.config.action_dim
+    if got is not None and got.shape != want.shape and got.shape[0] == want.shape[0] and got.shape[1] == a:
+        widened = torch.zeros_like(want)
+        widened[:, :a] = got
+        weights[key] = widened
+    load_into(model, dataclasses.replace(ckpt, model_state=weights))
 
 
 @torch.no_grad()

@@ -147,3 +147,60 @@ def test_dynamics_job_trains_on_its_own_rollouts(store, tmp_path, monkeypatch):
         dataclasses.replace(cfg, model=preset("tiny", action_dim=1, state_dim=1, source="noise"))
     with pytest.raises(UserError, match="rollout_steps"):
         FlowMatchingConfig(rollout_steps=0)
+
+
+def test_dynamics_job_starts_from_an_actions_only_checkpoint(store, tmp_path):
+    from dreamrt.world_models.dynamics import NextFrameDiT, frame_conditions
+    from dreamrt.world_models.train import start_from
+
+    tok_dir = tmp_path / "tok"
+    run_tokenizer(
+        TokenizerTrainConfig(
+            store=str(store),
+            model=tokenizer_preset("tiny"),
+            optim=OptimConfig(steps=2, batch_size=8, warmup_steps=1, save_every=2),
+        ),
+        tok_dir,
+    )
+    optim = OptimConfig(steps=3, batch_size=4, warmup_steps=1, log_every=3, save_every=3)
+    actions_only = DynamicsTrainConfig(
+        store=str(store),
+        tokenizer=str(tok_dir),
+        state_key="",
+        model=preset("tiny", action_dim=1, state_dim=0),
+        clip_frames=5,
+        eval_clips=4,
+        optim=optim,
+    )
+    run_dynamics(actions_only, tmp_path / "actions")
+    source, _ = load_dynamics(tmp_path / "actions")
+    assert source.config.state_dim == 0
+
+    # The state's condition columns start at zero: the widened model is the source model for any state.
+    widened = NextFrameDiT(dataclasses.replace(source.config, state_dim=15)).eval()
+    start_from(widened, str(tmp_path / "actions"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, 4, generator=g)
+    t = torch.rand(2, 3, generator=g)
+    actions = torch.randn(2, 3, 7, generator=g)
+    with torch.no_grad():
+        expected = source(x, t, frame_conditions(actions, None))
+        got = widened(x, t, frame_conditions(actions, torch.randn(2, 3, 15, generator=g)))
+    torch.testing.assert_close(got, expected)
+
+    # The job: architecture from the checkpoint (default model.* are not overrides), state read from the store.
+    with_state = dataclasses.replace(
+        actions_only,
+        state_key="observation.state",
+        model=preset("small", 1, 1),
+        init=str(tmp_path / "actions"),
+    )
+    s = run_dynamics(with_state, tmp_path / "with_state").summary
+    assert np.isfinite(s["final_loss"])
+    model, _ = load_dynamics(tmp_path / "with_state")
+    assert (model.config.n_emb, model.config.window, model.config.state_dim) == (32, 4, 15)
+
+    with pytest.raises(UserError, match="model.n_emb=64 differs"):
+        run_dynamics(
+            dataclasses.replace(with_state, model=preset("tiny", 1, 1, n_emb=64)), tmp_path / "clash"
+        )
