@@ -101,6 +101,10 @@ class BenchWorldModelConfig:
         ""  # a distilled dynamics checkpoint (`dreamrt distill world-model`) for model=student rows
     )
     store: str = ""  # the episode store the dynamics model was trained on (held-out episodes from it)
+    # A state-conditioned model's state predictor (`dreamrt train world-model stage=state`): quality is
+    # then measured with predicted states, seeing no future state. Without it such a model gets the
+    # recorded states of the frames it generates (summary "states": "recorded").
+    state_model: str = ""
     # null: _default_rows() with a student, else the same rows on the teacher's weights.
     configs: list[BenchRowConfig] | None = None
     horizons: list[int] = field(default_factory=lambda: [1, 4, 16])
@@ -370,6 +374,17 @@ def run_trained(cfg: BenchWorldModelConfig, out_dir: Path | None = None) -> JobR
     ref = reference_gflops()
     decode_gflop = decoder_flops(tok.config) / 1e9
 
+    predictor = None
+    if cfg.state_model:
+        from dreamrt.world_models.proprio import check_units, load_state_predictor
+
+        if not dc.state_dim:
+            raise UserError(
+                f"state_model={cfg.state_model} predicts robot states, but {cfg.dynamics} takes none "
+                f"(state_dim=0); leave state_model out."
+            )
+        predictor, predictor_normalizer = load_state_predictor(cfg.state_model)
+        check_units(predictor_normalizer, normalizer, keys["state_key"])
     models = {"teacher": model}
     if cfg.student:
         student, student_normalizer = load_dynamics(cfg.student)
@@ -398,8 +413,9 @@ def run_trained(cfg: BenchWorldModelConfig, out_dir: Path | None = None) -> JobR
             key not in quality_cache
         ):  # cache, speculation and the stream do not change the frames of a step-by-step rollout
             quality_cache[key] = horizon_quality(
-                net, tok, data, starts, sampler, context=context, horizons=list(cfg.horizons)
-            )
+                net, tok, data, starts, sampler, context=context, horizons=list(cfg.horizons),
+                state_predictor=predictor,
+            )  # fmt: skip
         q = quality_cache[key]
         same_without = (rc.model, rc.solver, rc.steps, rc.kv_cache, rc.action_hold)
         if not rc.speculate:
@@ -450,6 +466,7 @@ def run_trained(cfg: BenchWorldModelConfig, out_dir: Path | None = None) -> JobR
         "window": dc.window,
         "context": context,
         "held_out_episodes": val,
+        "states": "none" if not dc.state_dim else ("predicted" if predictor is not None else "recorded"),
         "quality_clips": q["clips"],
         "tokenizer_psnr": sum(q[f"tokenizer_psnr_h{h}"] for h in cfg.horizons) / len(cfg.horizons),
         "tokenizer_ssim": sum(q[f"tokenizer_ssim_h{h}"] for h in cfg.horizons) / len(cfg.horizons),
@@ -502,6 +519,8 @@ def format_trained_table(summary: dict, horizons: list[int]) -> str:
         f"{summary['quality_clips']} held-out clips; PSNR decoded relative to the last real frame (plain decoding "
         f"in brackets)"
     )
+    if summary.get("states", "none") != "none":
+        head += f"; robot states of generated frames: {summary['states']}"
     cols = (
         f"{'name':<30} {'sampler':<8} {'steps':>5} {'cache':>5} {'spec':>4} {'hold':>4} {'FPS':>6} {'accept':>6} "
         f"{'speedup':>7} " + " ".join(f"{'PSNR@' + str(h):>15} {'SSIM@' + str(h):>7}" for h in horizons)

@@ -15,11 +15,14 @@ the last real frame (``decode="relative"``: that frame plus the change the model
 
 Observations: ``{camera: uint8 (S, S, 3)}`` at the tokenizer's resolution (e.g.
 ``observation.images.static`` at 64x64), so an image policy trained at that size runs in the
-dream. The model predicts no robot state: a model conditioned on states (``state_dim > 0``)
-runs only with ``hold_state=True``, which keeps feeding it the last real state and reports
-that state as ``observation.state`` (an approximation, said in ``info["state_held"]``);
-actions-only models (trained with ``state_key=""``) are the intended backend. Rewards are 0
-and episodes never terminate; they truncate after ``max_episode_steps``.
+dream. A model conditioned on states (``state_dim > 0``) needs the state of every frame it
+generates: with a ``state_predictor`` (``dreamrt train world-model stage=state``; ``state_model=``
+in ``from_checkpoints``) the env steps the state under each action and reports the prediction as
+``observation.state`` (in the store's units; ``info["state_predicted"]``), so a policy that reads
+the robot state runs in the dream too. ``hold_state=True`` instead keeps feeding the last real
+state and reports it (an approximation, said in ``info["state_held"]``). Actions-only models
+(trained with ``state_key=""``) need neither. Rewards are 0 and episodes never terminate; they
+truncate after ``max_episode_steps``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class WorldModelEnv(gym.Env):
         context: int = 0,
         max_episode_steps: int | None = 200,
         hold_state: bool = False,
+        state_predictor: Any = None,
         decode: str = "relative",
         render_mode: str | None = None,
     ):
@@ -74,11 +78,17 @@ class WorldModelEnv(gym.Env):
                 f"tokenizer makes {tokenizer.config.latent_channels}x{tokenizer.config.latent_size}x"
                 f"{tokenizer.config.latent_size}: they were not trained together."
             )
-        if c.state_dim and not (state_key and hold_state):
+        if c.state_dim and not state_key:
             raise UserError(
-                f"This world model is conditioned on the robot state (state_dim={c.state_dim}) but does not predict "
-                f"it. Pass state_key='observation.state' and hold_state=True to feed it the last real state, or "
-                f"train an actions-only model (state_key='')."
+                f"This world model is conditioned on the robot state (state_dim={c.state_dim}): pass state_key (e.g. "
+                f"'observation.state') and a state_predictor, or hold_state=True, or use an actions-only model."
+            )
+        if c.state_dim and (state_predictor is None) == (not hold_state):
+            raise UserError(
+                f"This world model is conditioned on the robot state (state_dim={c.state_dim}) and does not predict "
+                f"it. Pass a state_predictor (`dreamrt train world-model stage=state`) to step it under the actions, "
+                f"or hold_state=True to keep feeding the last real state; not both. Or train an actions-only model "
+                f"(state_key='')."
             )
         if render_mode not in (None, "rgb_array"):
             raise UserError(f"render_mode={render_mode!r} is not supported; use None or 'rgb_array'.")
@@ -119,16 +129,19 @@ class WorldModelEnv(gym.Env):
         if self.state_key:
             obs[self.state_key] = spaces.Box(-np.inf, np.inf, (c.state_dim,), np.float32)
         self.observation_space = spaces.Dict(OrderedDict(obs))
-        self._rollout = Rollout(model, self.sampler, batch_size=1)
+        self._predicted = state_predictor is not None
+        self._rollout = Rollout(model, self.sampler, batch_size=1, state_predictor=state_predictor)
         self._frame: np.ndarray | None = None
         self._detail: torch.Tensor | None = None  # decode="relative": the last real frame's detail
         self._state: np.ndarray | None = None
         self._steps = 0
 
     @classmethod
-    def from_checkpoints(cls, tokenizer: str, dynamics: str, store: str, **kwargs: Any) -> WorldModelEnv:
-        """Load both checkpoints (run directories or checkpoints); camera / keys default to the dynamics
-        run's (its summary.json)."""
+    def from_checkpoints(
+        cls, tokenizer: str, dynamics: str, store: str, *, state_model: str = "", **kwargs: Any
+    ) -> WorldModelEnv:
+        """Load the checkpoints (run directories or checkpoints; ``state_model`` a state predictor for a
+        state-conditioned model); camera / keys default to the dynamics run's (its summary.json)."""
         from dreamrt.world_models.bench import trained_keys
         from dreamrt.world_models.dynamics import load_dynamics
         from dreamrt.world_models.tokenizer import load_tokenizer
@@ -139,6 +152,13 @@ class WorldModelEnv(gym.Env):
             kwargs.setdefault(key, value)
         if not model.config.state_dim:
             kwargs["state_key"] = ""
+        if state_model:
+            from dreamrt.world_models.proprio import check_units, load_state_predictor
+
+            predictor, predictor_normalizer = load_state_predictor(state_model)
+            if model.config.state_dim:
+                check_units(predictor_normalizer, normalizer, kwargs["state_key"])
+            kwargs["state_predictor"] = predictor
         return cls(load_tokenizer(tokenizer), model, normalizer, store, **kwargs)
 
     # ------------------------------------------------------------------ gymnasium API
@@ -179,7 +199,7 @@ class WorldModelEnv(gym.Env):
         self._rollout.prefill(latents, actions.float()[None], states)
         self._frame = tensor_to_images(images[-1])
         self._steps = 0
-        return self._observation(), {"episode": episode, "start": start, "state_held": bool(self.state_key)}
+        return self._observation(), {"episode": episode, "start": start, **self._state_info()}
 
     def step(self, action):
         if self._frame is None:
@@ -192,14 +212,23 @@ class WorldModelEnv(gym.Env):
             )
         a = torch.from_numpy(self.normalizer.normalize(self.action_key, action)).float()[None]
         s = None
-        if self.state_key:
+        if self.state_key and not self._predicted:
             s = torch.from_numpy(self.normalizer.normalize(self.state_key, self._state)).float()[None]
         with torch.inference_mode():
             z = self._rollout.step(a, s)  # (1, C, h, w)
             self._frame = tensor_to_images(self.tokenizer.decode(z, self._detail)[0])
+            if self._predicted:
+                predicted = self._rollout.current_state[0].numpy()
+                self._state = self.normalizer.unnormalize(self.state_key, predicted).astype(np.float32)
         self._steps += 1
         truncated = self.max_episode_steps is not None and self._steps >= self.max_episode_steps
-        return self._observation(), 0.0, False, truncated, {"state_held": bool(self.state_key)}
+        return self._observation(), 0.0, False, truncated, self._state_info()
+
+    def _state_info(self) -> dict[str, bool]:
+        return {
+            "state_held": bool(self.state_key) and not self._predicted,
+            "state_predicted": self._predicted,
+        }
 
     def render(self):
         if self.render_mode == "rgb_array":

@@ -163,13 +163,16 @@ def horizon_quality(
     context: int,
     horizons: list[int],
     batch_size: int = 32,
+    state_predictor: Any = None,
 ) -> dict[str, Any]:
     """PSNR / SSIM at each horizon for the model, for repeating the last context frame, and for the
     tokenizer's reconstruction of the real frame; means over the clips starting at ``starts``.
     ``model`` decodes relative to the last real frame (:meth:`Tokenizer.detail`, what
     ``WorldModelEnv`` shows), ``model_plain`` decodes the latents alone, and ``perfect_latents``
     decodes the real frame's latent relative to the last real frame: the ceiling of a model
-    whose latent predictions were exact."""
+    whose latent predictions were exact. A state-conditioned model gets the recorded states of the
+    generated frames, or with ``state_predictor`` (a ``StatePredictor``) its predictions from the
+    last context state under the recorded actions: the fair comparison, which sees no future state."""
     from dreamrt.world_models.sampling import Rollout
 
     h_max = max(horizons)
@@ -179,14 +182,14 @@ def horizon_quality(
         first = torch.as_tensor(starts[i : i + batch_size])
         rows = first[:, None] + torch.arange(context + h_max)  # (B, context + H)
         b = len(first)
-        rollout = Rollout(model.eval(), sampler, batch_size=b)
+        rollout = Rollout(model.eval(), sampler, batch_size=b, state_predictor=state_predictor)
         ctx = rows[:, :context]
         rollout.prefill(data.latents[ctx], data.actions[ctx], data.states[ctx])
         last_real = data.float_images(rows[:, context - 1])
         detail = tokenizer.detail(last_real)
         for h in range(1, h_max + 1):
             prev = rows[:, context + h - 2]  # the frame whose action leads to the predicted one
-            state = data.states[prev] if data.states.shape[1] else None
+            state = data.states[prev] if data.states.shape[1] and state_predictor is None else None
             z = rollout.step(data.actions[prev], state)
             if h not in horizons:
                 continue

@@ -33,6 +33,12 @@ fused mode still owes. ``prefill`` the observed frames, then ``step(action)`` pe
 under block-causal attention, all assuming the action holds) and ``accept(n)`` the first n
 once the real actions are known; the rest are rolled back exactly.
 
+A model conditioned on the robot state needs the state at every frame it generates. Given a
+:class:`~dreamrt.world_models.proprio.StatePredictor` (``state_predictor``), the rollout tracks
+it: ``prefill`` sets it from the last observed state, every generated frame advances it under the
+frame's action, and ``step(action)`` / ``speculate(k, action)`` need no state (passing one
+overrides the tracked state from there on). ``current_state`` reads it.
+
 :func:`generate_uncached` recomputes the whole sequence for every denoising step with
 ``NextFrameDiT.forward``: slow, simple, and the reference the cached path is tested against.
 
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -269,6 +276,7 @@ class RolloutSnapshot:
     cache: KVCacheSnapshot
     context: dict[int, ContextFrame]
     owed: list[ContextFrame]
+    state: Tensor | None = None
 
 
 @dataclass
@@ -276,17 +284,23 @@ class Rollout:
     """Cached autoregressive generation with one model; see the module docstring.
 
     ``max_speculation`` is the largest k for :meth:`speculate` (it sizes the cache).
+    ``state_predictor`` (a ``StatePredictor``, for state-conditioned models) supplies the states
+    of generated frames.
     """
 
     model: NextFrameDiT
     sampler: FrameSamplerConfig = field(default_factory=FrameSamplerConfig)
     batch_size: int = 1
     max_speculation: int = 1
+    state_predictor: Any = None
     cache: KVCache = field(init=False)
     # The context form of every frame in the cache (its input for a fused refresh).
     context: dict[int, ContextFrame] = field(init=False, default_factory=dict)
     # Fused mode: frames whose keys/values the next pass must write (their final input).
     owed: list[ContextFrame] = field(init=False, default_factory=list)
+    # With a state predictor: the (B, S) state at the current frame, and at each tentative frame.
+    state: Tensor | None = field(init=False, default=None)
+    tentative_states: list[Tensor] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         if self.max_speculation < 1 or self.batch_size < 1:
@@ -294,6 +308,14 @@ class Rollout:
                 f"Rollout needs batch_size >= 1 and max_speculation >= 1, got {self.batch_size}, "
                 f"{self.max_speculation}."
             )
+        if self.state_predictor is not None:
+            c, pc = self.model.config, self.state_predictor.config
+            if c.state_dim == 0 or (pc.state_dim, pc.action_dim) != (c.state_dim, c.action_dim):
+                raise UserError(
+                    f"The state predictor steps states of {pc.state_dim} dims under {pc.action_dim}-d actions; the "
+                    f"world model takes {c.state_dim}-d states and {c.action_dim}-d actions. A state predictor "
+                    f"serves a state-conditioned model trained on the same store."
+                )
         p = next(self.model.parameters())
         requery = self.max_speculation if self.sampler.kv_write == "fused" else 0
         config = KVCacheConfig.for_model(
@@ -306,10 +328,17 @@ class Rollout:
         """Frames in the sequence so far (tentative ones included)."""
         return self.cache.length
 
+    @property
+    def current_state(self) -> Tensor | None:
+        """(B, S) normalised state at the current frame: observed, or predicted by ``state_predictor``."""
+        return self.state
+
     def reset(self) -> None:
         self.cache.reset()
         self.context.clear()
         self.owed = []
+        self.state = None
+        self.tentative_states = []
 
     @torch.inference_mode()
     def prefill(self, latents: Tensor, actions: Tensor | None = None, states: Tensor | None = None) -> None:
@@ -341,20 +370,24 @@ class Rollout:
             self.model.forward_cached(x, t, pc, torch.tensor(index, device=x.device), self.cache, slots)
             self.cache.accept()
         self._keep(frames)
+        if states is not None and c.state_dim:
+            self.state = states[:, -1].to(latents)
 
     @torch.inference_mode()
     def step(self, action: Tensor, state: Tensor | None = None) -> Tensor:
         """Generate and accept the next frame given the action taken (and the state observed) at the
-        current frame: (B, A), (B, S). Returns its latent x_0 (B, C, gh, gw)."""
+        current frame: (B, A), (B, S); with a ``state_predictor`` the state may be left out. Returns
+        its latent x_0 (B, C, gh, gw)."""
         x0 = self._generate(1, action, state)
         self.cache.accept()
+        self._accept_states(1)
         return x0[:, 0]
 
     @torch.inference_mode()
     def speculate(self, k: int, action: Tensor, state: Tensor | None = None) -> Tensor:
         """Generate the next k frames in one parallel denoising run, assuming ``action`` holds for all
-        of them (and the state stays at ``state``: the model does not predict states). The frames stay
-        tentative until :meth:`accept`. Returns x_0 (B, k, C, gh, gw)."""
+        of them (the state stays at ``state``, or with a ``state_predictor`` follows the held action).
+        The frames stay tentative until :meth:`accept`. Returns x_0 (B, k, C, gh, gw)."""
         if not 1 <= k <= self.max_speculation:
             raise UserError(
                 f"speculate(k): k must be in [1, {self.max_speculation}] (max_speculation), got {k}."
@@ -366,15 +399,18 @@ class Rollout:
         self.cache.accept(n)
         self.owed = [f for f in self.owed if f.index < self.cache.length]
         self._trim()
+        self._accept_states(n)
 
     def snapshot(self) -> RolloutSnapshot:
         """A copy of the rollout's state (the cache tensors are copied)."""
-        return RolloutSnapshot(self.cache.snapshot(), dict(self.context), list(self.owed))
+        return RolloutSnapshot(self.cache.snapshot(), dict(self.context), list(self.owed), self.state)
 
     def restore(self, snapshot: RolloutSnapshot) -> None:
         self.cache.restore(snapshot.cache)
         self.context = dict(snapshot.context)
         self.owed = list(snapshot.owed)
+        self.state = snapshot.state
+        self.tentative_states = []
 
     def context_frames(self) -> list[ContextFrame]:
         """The frames in the cache as later frames see them, by index."""
@@ -392,11 +428,30 @@ class Rollout:
             )
         model, cfg, cache = self.model, self.sampler, self.cache
         like = next(iter(self.context.values())).x
+        predictor = self.state_predictor
+        if state is None and predictor is not None:
+            if self.state is None:
+                raise UserError(
+                    "The rollout has no state to predict from: prefill() it with the observed states, or pass the "
+                    "current state."
+                )
+            state = self.state
         action, state = _check_cond(model, action, state, like.shape[0])
         b = like.shape[0]
+        action, state = action.to(like), state.to(like)
+        if predictor is not None:
+            # Frame j of the k is conditioned on the state reached after j steps of the held action.
+            chain = [state]
+            for _ in range(k):
+                chain.append(predictor(chain[-1], action))
+            self.tentative_states = chain[1:]
+            frame_states = torch.stack(chain[:k], 1)
+        else:
+            self.state = None  # the state at the generated frames is unknown without a predictor
+            frame_states = state.unsqueeze(1).expand(b, k, -1)
         cond = FrameCond(
-            action.to(like).unsqueeze(1).expand(b, k, -1),
-            state.to(like).unsqueeze(1).expand(b, k, -1),
+            action.unsqueeze(1).expand(b, k, -1),
+            frame_states,
             torch.ones(b, k, dtype=torch.bool, device=like.device),
         )
         first = cache.length
@@ -430,6 +485,12 @@ class Rollout:
             self.owed = new
         self._keep(new)
         return x0
+
+    def _accept_states(self, n: int | None) -> None:
+        kept = self.tentative_states if n is None else self.tentative_states[:n]
+        if kept:
+            self.state = kept[-1]
+        self.tentative_states = []
 
     def _keep(self, frames: Sequence[ContextFrame]) -> None:
         for f in frames:

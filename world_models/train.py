@@ -42,6 +42,14 @@ from dreamrt.world_models.dynamics import (
     flow_matching_loss,
     frame_conditions,
 )
+from dreamrt.world_models.proprio import (
+    STATE_KIND,
+    StatePredictor,
+    StatePredictorConfig,
+    open_loop_error,
+    state_rollout_loss,
+    wrapping_dims,
+)
 from dreamrt.world_models.sampling import FrameSamplerConfig, own_rollout_context
 from dreamrt.world_models.tokenizer import TOKENIZER_KIND, Tokenizer, TokenizerConfig, psnr
 
@@ -135,6 +143,36 @@ class DynamicsTrainConfig:
             )
 
 
+@dataclass
+class StatePredictorTrainConfig:
+    """The robot-state predictor (``dreamrt.world_models.proprio``): low-dim data only, minutes on a CPU."""
+
+    store: str = MISSING
+    action_key: str = "action"
+    state_key: str = "observation.state"
+    # state_dim, action_dim and held dims are taken from the store.
+    model: StatePredictorConfig = field(default_factory=StatePredictorConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, save_every=1000
+        )
+    )
+    unroll: int = 16  # open-loop steps per training clip: the horizon the world model is measured at
+    max_frames: int = 200_000
+    val_ratio: float = 0.05
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if not self.state_key:
+            raise UserError(
+                "state_key is required: the robot-state key the predictor learns, e.g. observation.state."
+            )
+        if self.unroll < 1:
+            raise UserError(f"unroll must be >= 1, got {self.unroll}.")
+
+
 def _check_common(cfg: Any) -> None:
     if cfg.store in ("", MISSING):
         raise UserError("store is required: the episode store to train on, e.g. store=demos.zarr.")
@@ -152,7 +190,7 @@ class TrainWorldModelConfig:
     ``stage=both`` (the tokenizer into OUT/tokenizer, then the dynamics into OUT/dynamics)."""
 
     store: str = MISSING
-    stage: str = "both"  # tokenizer | dynamics | both
+    stage: str = "both"  # tokenizer | dynamics | both | state
     tokenizer: str = ""  # stage=dynamics: the trained tokenizer's run directory or checkpoint
     camera: str = "observation.images.static"
     action_key: str = "action"
@@ -175,16 +213,27 @@ class TrainWorldModelConfig:
     seed: int = 0
     threads: int = 0
     init: str = ""  # stage=dynamics: start from this dynamics checkpoint's weights (DynamicsTrainConfig.init)
+    # stage=state: the robot-state predictor a state-conditioned model needs to run without recorded states
+    state_model: StatePredictorConfig = field(default_factory=StatePredictorConfig)
+    state_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, save_every=1000
+        )
+    )
+    state_unroll: int = 16
 
     def __post_init__(self) -> None:
         from dreamrt.errors import choose
 
-        choose("train world-model stage", self.stage, ("tokenizer", "dynamics", "both"))
+        choose("train world-model stage", self.stage, ("tokenizer", "dynamics", "both", "state"))
         if self.stage == "dynamics" and self.tokenizer in ("", MISSING):
             raise UserError(
                 "stage=dynamics needs tokenizer=RUN: the run directory of a trained tokenizer (stage=tokenizer's "
                 "output/tokenizer), or use stage=both."
             )
+        if self.stage == "state":
+            self.state_stage()
+            return
         self.tokenizer_stage()  # validates everything shared with the stage configs
         if self.stage != "tokenizer":
             self.dynamics_stage(self.tokenizer or "pending")
@@ -196,6 +245,20 @@ class TrainWorldModelConfig:
             model=self.tokenizer_model,
             optim=self.tokenizer_optim,
             kl_weight=self.kl_weight,
+            max_frames=self.max_frames,
+            val_ratio=self.val_ratio,
+            seed=self.seed,
+            threads=self.threads,
+        )
+
+    def state_stage(self) -> StatePredictorTrainConfig:
+        return StatePredictorTrainConfig(
+            store=self.store,
+            action_key=self.action_key,
+            state_key=self.state_key,
+            model=self.state_model,
+            optim=self.state_optim,
+            unroll=self.state_unroll,
             max_frames=self.max_frames,
             val_ratio=self.val_ratio,
             seed=self.seed,
@@ -228,6 +291,14 @@ def run(cfg: TrainWorldModelConfig, out_dir: Path) -> JobResult:
     ``out_dir/dynamics`` (rerunning on the same ``--out`` resumes each stage)."""
     out_dir = Path(out_dir)
     summary: dict[str, Any] = {"stage": cfg.stage}
+    if cfg.stage == "state":
+        summary["state"] = s = run_state_predictor(cfg.state_stage(), out_dir / "state").summary
+        h = cfg.state_unroll
+        print(
+            f"state predictor: open-loop error {s[f'state_mae_h{h}']:.4f} at {h} frames vs "
+            f"{s[f'state_mae_hold_h{h}']:.4f} holding the state -> {out_dir / 'state'}"
+        )
+        return JobResult(summary=summary)
     tokenizer = cfg.tokenizer
     if cfg.stage in ("tokenizer", "both"):
         summary["tokenizer"] = run_tokenizer(cfg.tokenizer_stage(), out_dir / "tokenizer").summary
@@ -389,6 +460,71 @@ def run_tokenizer(cfg: TokenizerTrainConfig, out_dir: Path) -> JobResult:
         "val_psnr_db": _mean_psnr(model, val_images),
         "final_loss": rows[-1]["loss"] if rows else None,
         "latent_shape": [cfg.model.latent_channels, cfg.model.latent_size, cfg.model.latent_size],
+        "seconds": time.perf_counter() - start,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return JobResult(summary=summary)
+
+
+# ---------------------------------------------------------------------------- state predictor
+
+
+def run_state_predictor(cfg: StatePredictorTrainConfig, out_dir: Path) -> JobResult:
+    """Train the robot-state predictor on a store's low-dim columns; see ``dreamrt.world_models.proprio``.
+    States and actions are min-max normalised over the store, the units a dynamics model trained on
+    the same store uses."""
+    from dreamrt.episodes import Normalizer, open_store
+    from dreamrt.world_models.data import ClipIndex
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    store = open_store(cfg.store)
+    for key in (cfg.action_key, cfg.state_key):
+        if key not in store.features:
+            raise UserError(f"Store '{cfg.store}' has no key '{key}'. Stored keys: {store.keys}.")
+    ends = store.episode_ends
+    if len(ends) == 0:
+        raise UserError(f"Store '{cfg.store}' has no episodes yet.")
+    ends = ends[: max(1, int(np.searchsorted(ends, cfg.max_frames, side="right")))].astype(np.int64)
+    n = int(ends[-1])
+    normalizer = Normalizer.from_stats(store.stats, {cfg.action_key: "min_max", cfg.state_key: "min_max"})
+    states = torch.from_numpy(normalizer.normalize(cfg.state_key, store.read(cfg.state_key, 0, n))).float()
+    actions = torch.from_numpy(normalizer.normalize(cfg.action_key, store.read(cfg.action_key, 0, n))).float()
+    model_cfg = dataclasses.replace(
+        cfg.model,
+        state_dim=states.shape[1],
+        action_dim=actions.shape[1],
+        held=wrapping_dims(states.numpy(), ends),
+    )
+    train_eps, val_eps = _split_rows(ends, cfg.val_ratio, cfg.seed)
+    clip = cfg.unroll + 1
+    train_clips, val_clips = ClipIndex(ends, clip, train_eps), ClipIndex(ends, clip, val_eps)
+
+    torch.manual_seed(cfg.seed)
+    model = StatePredictor(model_cfg)
+
+    def loss_fn():
+        rows = train_clips.sample(cfg.optim.batch_size)
+        return state_rollout_loss(model, states[rows], actions[rows])
+
+    step, rows = _fit(model, cfg, out_dir, STATE_KIND, loss_fn, lambda m: None, normalizer.to_dict())
+    val_rows = torch.as_tensor(val_clips.starts)[:, None] + torch.arange(clip)
+    horizons = sorted({h for h in (1, 4, 16, cfg.unroll) if h <= cfg.unroll})
+    summary = {
+        "kind": STATE_KIND,
+        "steps": step,
+        "frames": n,
+        "parameters": model.num_parameters(),
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "store": str(cfg.store),
+        "action_key": cfg.action_key,
+        "state_key": cfg.state_key,
+        "held_dims": list(model_cfg.held),
+        "val_episodes": [int(e) for e in val_eps],
+        **open_loop_error(model, states[val_rows], actions[val_rows], horizons),
         "seconds": time.perf_counter() - start,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

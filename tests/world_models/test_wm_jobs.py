@@ -172,7 +172,7 @@ def test_world_model_env(trained):
         env.step(np.zeros(3))
 
 
-def test_world_model_env_refuses_state_models_without_hold(trained, tmp_path):
+def test_world_model_env_with_a_state_model(trained, tmp_path):
     store, run_dir, _ = trained
     from dreamrt.episodes import Normalizer, open_store
     from dreamrt.world_models.dynamics import NextFrameDiT
@@ -188,6 +188,36 @@ def test_world_model_env_refuses_state_models_without_hold(trained, tmp_path):
     obs, info = env.reset(seed=0)
     assert info["state_held"] and obs["observation.state"].shape == (15,)
     assert np.array_equal(env.step(np.zeros(7, np.float32))[0]["observation.state"], obs["observation.state"])
+
+    # With a state predictor the env reports the predicted state, in the store's units.
+    from dreamrt.world_models.proprio import StatePredictor, StatePredictorConfig
+
+    predictor = StatePredictor(StatePredictorConfig(state_dim=15, action_dim=7)).eval()
+    with pytest.raises(UserError, match="not both"):
+        WorldModelEnv(
+            tok, model, normalizer, str(store), state_key="observation.state", hold_state=True,
+            state_predictor=predictor,
+        )  # fmt: skip
+    env = WorldModelEnv(
+        tok, model, normalizer, str(store), state_key="observation.state", state_predictor=predictor,
+        max_episode_steps=3,
+    )  # fmt: skip
+    check_env(env, skip_render_check=True)
+    obs, info = env.reset(options={"episode": 1, "start": 2})
+    assert info["state_predicted"] and not info["state_held"]
+    norm = Normalizer.from_dict(normalizer)
+    action = np.full(7, 0.5, np.float32)
+    with torch.no_grad():
+        expected = predictor(
+            torch.from_numpy(norm.normalize("observation.state", obs["observation.state"])).float()[None],
+            torch.from_numpy(norm.normalize("action", action)).float()[None],
+        )[0].numpy()
+    stepped, _, _, _, info = env.step(action)
+    assert info["state_predicted"]
+    np.testing.assert_allclose(
+        stepped["observation.state"], norm.unnormalize("observation.state", expected), rtol=1e-5, atol=1e-5
+    )
+    assert not np.allclose(stepped["observation.state"], obs["observation.state"])
 
 
 def test_compare_on_a_store(trained, tmp_path):
@@ -365,3 +395,109 @@ def test_bench_default_rows_with_a_student(trained, distilled):
             store="s",
             configs=[bench.BenchRowConfig("s", "x0", 1, model="student")],
         )
+
+
+def test_bench_a_state_model_with_predicted_states(trained, tmp_path):
+    """A state-conditioned model (started from the actions-only run) measured open loop with the states
+    its predictor gives, against the recorded states."""
+    store, run_dir, _ = trained
+    common = dict(store=str(store), val_ratio=0.2, clip_frames=5, eval_clips=4)
+    train_run(
+        TrainWorldModelConfig(
+            **common,
+            stage="dynamics",
+            tokenizer=str(run_dir / "tokenizer"),
+            init=str(run_dir / "dynamics"),
+            optim=OptimConfig(steps=2, batch_size=4, warmup_steps=1, save_every=2),
+        ),
+        tmp_path / "with_state",
+    )
+    summary = train_run(
+        TrainWorldModelConfig(
+            **common,
+            stage="state",
+            state_unroll=4,
+            state_optim=OptimConfig(steps=5, batch_size=8, warmup_steps=1, save_every=5),
+        ),
+        tmp_path / "with_state",
+    ).summary
+    assert summary["state"]["steps"] == 5 and "state_mae_h4" in summary["state"]
+
+    def quality(state_model: str) -> dict:
+        return bench.run(
+            bench.BenchWorldModelConfig(
+                tokenizer=str(run_dir / "tokenizer"),
+                dynamics=str(tmp_path / "with_state" / "dynamics"),
+                state_model=state_model,
+                store=str(store),
+                configs=[bench.BenchRowConfig("teacher", "x0", 1)],
+                horizons=[1, 4],
+                frames=2,
+                warmup=0,
+            )
+        ).summary
+
+    env = WorldModelEnv.from_checkpoints(
+        str(run_dir / "tokenizer"), str(tmp_path / "with_state" / "dynamics"), str(store),
+        state_model=str(tmp_path / "with_state" / "state"),
+    )  # fmt: skip
+    obs, info = env.reset(seed=0)
+    assert info["state_predicted"] and env.step(np.zeros(7, np.float32))[0]["observation.state"].shape == (
+        15,
+    )
+
+    predicted, recorded = quality(str(tmp_path / "with_state" / "state")), quality("")
+    assert (predicted["states"], recorded["states"]) == ("predicted", "recorded")
+    # The first generated frame is conditioned on the last real state either way; later ones differ.
+    assert predicted["rows"][0]["psnr_h1"] == pytest.approx(recorded["rows"][0]["psnr_h1"], abs=1e-4)
+    with pytest.raises(UserError, match="takes none"):
+        bench.run(
+            bench.BenchWorldModelConfig(
+                tokenizer=str(run_dir / "tokenizer"),
+                dynamics=str(run_dir / "dynamics"),
+                state_model=str(tmp_path / "with_state" / "state"),
+                store=str(store),
+                configs=[bench.BenchRowConfig("teacher", "x0", 1)],
+                horizons=[1],
+                frames=2,
+                warmup=0,
+            )
+        )
+
+
+def test_horizon_quality_with_predicted_states(trained):
+    """Generated frames are conditioned on the predictor's states, not the recorded ones."""
+    from dreamrt.episodes import Normalizer, open_store
+    from dreamrt.world_models.dynamics import NextFrameDiT
+    from dreamrt.world_models.proprio import StatePredictor, StatePredictorConfig
+    from dreamrt.world_models.quality import clip_starts, horizon_quality, load_eval_data
+    from dreamrt.world_models.tokenizer import load_tokenizer
+
+    store, run_dir, _ = trained
+    tok = load_tokenizer(run_dir / "tokenizer")
+    keys = {"action": "min_max", "observation.state": "min_max"}
+    normalizer = Normalizer.from_stats(open_store(store).stats, keys).to_dict()
+    data = load_eval_data(
+        str(store), tok, normalizer, camera="observation.images.static", action_key="action",
+        state_key="observation.state", episodes=[0, 1],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    tc = tok.config
+    model = NextFrameDiT(
+        preset("tiny", 7, 15, latent_channels=tc.latent_channels, latent_size=tc.latent_size)
+    ).eval()
+    predictor = StatePredictor(StatePredictorConfig(state_dim=15, action_dim=7)).eval()
+    with torch.no_grad():
+        for p in [*model.parameters(), *predictor.parameters()]:  # every input matters, states included
+            p.normal_(0.0, 0.3)
+    starts = clip_starts(data.episode_ends, np.arange(2), 3 + 4, 2, 0)
+
+    def quality(state_predictor):
+        return horizon_quality(
+            model, tok, data, starts, FrameSamplerConfig(steps=1, solver="x0"), context=3, horizons=[1, 4],
+            state_predictor=state_predictor,
+        )  # fmt: skip
+
+    predicted, recorded = quality(predictor), quality(None)
+    assert predicted["model_plain_psnr_h1"] == pytest.approx(recorded["model_plain_psnr_h1"], abs=1e-5)
+    assert abs(predicted["model_plain_psnr_h4"] - recorded["model_plain_psnr_h4"]) > 1e-3
