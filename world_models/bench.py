@@ -376,15 +376,9 @@ def run_trained(cfg: BenchWorldModelConfig, out_dir: Path | None = None) -> JobR
 
     predictor = None
     if cfg.state_model:
-        from dreamrt.world_models.proprio import check_units, load_state_predictor
+        from dreamrt.world_models.proprio import load_state_predictor_for
 
-        if not dc.state_dim:
-            raise UserError(
-                f"state_model={cfg.state_model} predicts robot states, but {cfg.dynamics} takes none "
-                f"(state_dim=0); leave state_model out."
-            )
-        predictor, predictor_normalizer = load_state_predictor(cfg.state_model)
-        check_units(predictor_normalizer, normalizer, keys["state_key"])
+        predictor = load_state_predictor_for(cfg.state_model, model, normalizer, keys["state_key"])
     models = {"teacher": model}
     if cfg.student:
         student, student_normalizer = load_dynamics(cfg.student)

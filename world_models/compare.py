@@ -32,6 +32,8 @@ MISSING = "???"
 class CompareWorldModelConfig:
     tokenizer: str = MISSING  # tokenizer run directory or checkpoint
     dynamics: str = MISSING  # dynamics run directory or checkpoint
+    # A state-conditioned model's state predictor: generated frames get predicted states, not MuJoCo's.
+    state_model: str = ""
     store: str = ""  # compare on this store's episodes; empty: record fresh ones in MuJoCo
     episodes: int = 4  # fresh expert episodes to record
     mode: str = "chain"  # dreamrt record's mode for them
@@ -95,12 +97,20 @@ def run(cfg: CompareWorldModelConfig, out_dir: Path) -> JobResult:
                 overwrite=True,
             )
         )
-    data = load_eval_data(store, tok, normalizer, **trained_keys(cfg.dynamics))
+    keys = trained_keys(cfg.dynamics)
+    predictor = None
+    if cfg.state_model:
+        from dreamrt.world_models.proprio import load_state_predictor_for
+
+        predictor = load_state_predictor_for(cfg.state_model, model, normalizer, keys["state_key"])
+    data = load_eval_data(store, tok, normalizer, **keys)
     context = cfg.context or model.config.window - 1
     episodes = np.arange(len(data.episode_ends))
     starts = clip_starts(data.episode_ends, episodes, context + max(cfg.horizons), cfg.clips_per_episode, 0)
     horizons = sorted(set(cfg.horizons))
-    q = horizon_quality(model, tok, data, starts, cfg.sampler, context=context, horizons=horizons)
+    q = horizon_quality(
+        model, tok, data, starts, cfg.sampler, context=context, horizons=horizons, state_predictor=predictor
+    )
     rows = [
         {
             "horizon": h,
@@ -116,13 +126,24 @@ def run(cfg: CompareWorldModelConfig, out_dir: Path) -> JobResult:
         "clips": q["clips"],
         "context": context,
         "sampler": {"solver": cfg.sampler.solver, "steps": cfg.sampler.steps},
+        "states": "none"
+        if not model.config.state_dim
+        else ("predicted" if predictor is not None else "recorded"),
         "rows": rows,
     }
     if cfg.image:
         summary["image"] = str(
             _write_strip(
-                out_dir / "comparison.png", model, tok, data, int(starts[0]), context, horizons, cfg.sampler
-            )
+                out_dir / "comparison.png",
+                model,
+                tok,
+                data,
+                int(starts[0]),
+                context,
+                horizons,
+                cfg.sampler,
+                predictor,
+            )  # fmt: skip
         )
     print(
         f"{'horizon':>7} {'model PSNR':>10} {'SSIM':>6} {'plain decode':>12} {'repeat-last PSNR':>16} {'SSIM':>6} "
@@ -137,7 +158,7 @@ def run(cfg: CompareWorldModelConfig, out_dir: Path) -> JobResult:
     return JobResult(summary=summary)
 
 
-def _write_strip(path, model, tok, data, start, context, horizons, sampler) -> Path:
+def _write_strip(path, model, tok, data, start, context, horizons, sampler, predictor) -> Path:
     """MuJoCo's frames (top row) over the model's (bottom row) at each horizon of one clip."""
     import numpy as np
     import torch
@@ -147,7 +168,7 @@ def _write_strip(path, model, tok, data, start, context, horizons, sampler) -> P
     from dreamrt.world_models.tokenizer import tensor_to_images
 
     rows = torch.arange(start, start + context + max(horizons))
-    rollout = Rollout(model, sampler)
+    rollout = Rollout(model, sampler, state_predictor=predictor)
     with torch.inference_mode():
         rollout.prefill(
             data.latents[rows[:context]][None],
@@ -158,9 +179,8 @@ def _write_strip(path, model, tok, data, start, context, horizons, sampler) -> P
         detail = tok.detail(data.float_images(rows[context - 1][None]))
         for h in range(1, max(horizons) + 1):
             prev = rows[context + h - 2]
-            z = rollout.step(
-                data.actions[prev][None], data.states[prev][None] if data.states.shape[1] else None
-            )
+            recorded_state = data.states[prev][None] if data.states.shape[1] and predictor is None else None
+            z = rollout.step(data.actions[prev][None], recorded_state)
             if h in horizons:
                 real.append(tensor_to_images(data.float_images(rows[context + h - 1][None]))[0])
                 fake.append(tensor_to_images(tok.decode(z, detail).clamp(0, 1))[0])

@@ -153,12 +153,11 @@ class WorldModelEnv(gym.Env):
         if not model.config.state_dim:
             kwargs["state_key"] = ""
         if state_model:
-            from dreamrt.world_models.proprio import check_units, load_state_predictor
+            from dreamrt.world_models.proprio import load_state_predictor_for
 
-            predictor, predictor_normalizer = load_state_predictor(state_model)
-            if model.config.state_dim:
-                check_units(predictor_normalizer, normalizer, kwargs["state_key"])
-            kwargs["state_predictor"] = predictor
+            kwargs["state_predictor"] = load_state_predictor_for(
+                state_model, model, normalizer, kwargs["state_key"]
+            )
         return cls(load_tokenizer(tokenizer), model, normalizer, store, **kwargs)
 
     # ------------------------------------------------------------------ gymnasium API

@@ -165,6 +165,20 @@ def load_state_predictor(path: str | Path) -> tuple[StatePredictor, dict[str, An
     return model.eval(), ckpt.normalizer
 
 
+def load_state_predictor_for(
+    path: str, model: Any, dynamics_normalizer: dict[str, Any], state_key: str
+) -> StatePredictor:
+    """Load a state predictor for a dynamics ``model``: it must take states, in the same units."""
+    if not model.config.state_dim:
+        raise UserError(
+            f"state_model={path} predicts robot states, but the dynamics model takes none (state_dim=0); leave "
+            f"state_model out."
+        )
+    predictor, normalizer = load_state_predictor(path)
+    check_units(normalizer, dynamics_normalizer, state_key)
+    return predictor
+
+
 def check_units(
     predictor_normalizer: dict[str, Any], dynamics_normalizer: dict[str, Any], state_key: str
 ) -> None:

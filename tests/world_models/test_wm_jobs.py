@@ -446,6 +446,16 @@ def test_bench_a_state_model_with_predicted_states(trained, tmp_path):
         15,
     )
 
+    compared = compare.run(
+        compare.CompareWorldModelConfig(
+            tokenizer=str(run_dir / "tokenizer"), dynamics=str(tmp_path / "with_state" / "dynamics"),
+            state_model=str(tmp_path / "with_state" / "state"), store=str(store), horizons=[1, 4],
+            clips_per_episode=1, sampler=FrameSamplerConfig(steps=1),
+        ),
+        tmp_path / "compare",
+    ).summary  # fmt: skip
+    assert compared["states"] == "predicted" and (tmp_path / "compare" / "comparison.png").exists()
+
     predicted, recorded = quality(str(tmp_path / "with_state" / "state")), quality("")
     assert (predicted["states"], recorded["states"]) == ("predicted", "recorded")
     # The first generated frame is conditioned on the last real state either way; later ones differ.
