@@ -118,6 +118,9 @@ class BenchWorldModelConfig:
     temperature: float = 0.0
     tolerance: float = 0.05  # speculation: max abs difference of normalised actions still "the same"
     val_episodes: list[int] | None = None  # held-out episodes; null: the dynamics run's (summary.json)
+    # "held_out": the episodes above; "all": every episode of `store`, for a store recorded apart
+    # from the training one (another seed), which holds many more clips than a run's validation split.
+    episodes: str = "held_out"
     # Latency-only mode (no checkpoints):
     preset: str = "small"  # dynamics size preset (dreamrt.world_models.dynamics.PRESETS)
     tokenizer_preset: str = "small"
@@ -154,6 +157,9 @@ class BenchWorldModelConfig:
                 f"horizons must be a non-empty list of positive ints and context >= 0, got {self.horizons}, "
                 f"{self.context}."
             )
+        from dreamrt.errors import choose
+
+        choose("bench world-model episodes", self.episodes, ("held_out", "all"))
         if self.configs is None:
             self.configs = _default_rows() if self.student else _teacher_only_rows()
         self.configs = [BenchRowConfig(**c) if isinstance(c, dict) else c for c in self.configs]
@@ -352,7 +358,11 @@ def run_trained(cfg: BenchWorldModelConfig, out_dir: Path | None = None) -> JobR
     from dreamrt.episodes import open_store
 
     keys = trained_keys(cfg.dynamics)
-    val = held_out_episodes(cfg.dynamics, open_store(cfg.store).num_episodes, cfg.val_episodes)
+    num_episodes = open_store(cfg.store).num_episodes
+    if cfg.episodes == "all":
+        val = list(range(num_episodes))
+    else:
+        val = held_out_episodes(cfg.dynamics, num_episodes, cfg.val_episodes)
     # Only the held-out episodes are read and encoded (renumbered 0..len(val)-1 in `data`).
     data = load_eval_data(cfg.store, tok, normalizer, episodes=val, **keys)
     if model.config.state_dim != data.states.shape[1] or model.config.action_dim != data.actions.shape[1]:
@@ -437,6 +447,8 @@ def run_trained(cfg: BenchWorldModelConfig, out_dir: Path | None = None) -> JobR
             row[f"psnr_h{h}"] = q[f"model_psnr_h{h}"]
             row[f"ssim_h{h}"] = q[f"model_ssim_h{h}"]
             row[f"psnr_plain_h{h}"] = q[f"model_plain_psnr_h{h}"]
+            row[f"gain_vs_repeat_h{h}"] = q[f"gain_psnr_h{h}"]
+            row[f"gain_vs_repeat_se_h{h}"] = q[f"gain_psnr_se_h{h}"]
         rows.append(row)
     q = next(iter(quality_cache.values()))
     rows.append(
@@ -462,6 +474,7 @@ def run_trained(cfg: BenchWorldModelConfig, out_dir: Path | None = None) -> JobR
         "held_out_episodes": val,
         "states": "none" if not dc.state_dim else ("predicted" if predictor is not None else "recorded"),
         "quality_clips": q["clips"],
+        "quality_episodes": q["episodes"],
         "tokenizer_psnr": sum(q[f"tokenizer_psnr_h{h}"] for h in cfg.horizons) / len(cfg.horizons),
         "tokenizer_ssim": sum(q[f"tokenizer_ssim_h{h}"] for h in cfg.horizons) / len(cfg.horizons),
         "threads": torch.get_num_threads(),
@@ -532,4 +545,23 @@ def format_trained_table(summary: dict, horizons: list[int]) -> str:
                 for h in horizons
             )
         )
+    gains = [r for r in summary["rows"] if f"gain_vs_repeat_h{horizons[0]}" in r]
+    if gains:
+        lines.append(
+            f"PSNR gain over repeating the last frame, dB (+- standard error across "
+            f"{summary.get('quality_episodes', '?')} episodes):"
+        )
+        seen = set()
+        for r in gains:
+            key = (r["name"], r["sampler"], r["steps"])
+            if key in seen:
+                continue
+            seen.add(key)
+            lines.append(
+                f"  {r['name'][:30]:<30} {r['sampler']:<8} {r['steps']:>5} "
+                + "  ".join(
+                    f"h{h} {r[f'gain_vs_repeat_h{h}']:+.2f} +- {r[f'gain_vs_repeat_se_h{h}']:.2f}"
+                    for h in horizons
+                )
+            )
     return "\n".join(lines)

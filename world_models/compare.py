@@ -115,6 +115,8 @@ def run(cfg: CompareWorldModelConfig, out_dir: Path) -> JobResult:
         {
             "horizon": h,
             **{f"{who}_{m}": q[f"{who}_{m}_h{h}"] for who in ("model", "model_plain", "repeat_last", "tokenizer") for m in ("psnr", "ssim")},
+            "gain_psnr": q[f"gain_psnr_h{h}"],
+            "gain_psnr_se": q[f"gain_psnr_se_h{h}"],  # across episodes
         }
         for h in horizons
     ]  # fmt: skip

@@ -170,13 +170,21 @@ def horizon_quality(
     ``model`` decodes relative to the last real frame (:meth:`Tokenizer.detail`, what
     ``WorldModelEnv`` shows), ``model_plain`` decodes the latents alone, and ``perfect_latents``
     decodes the real frame's latent relative to the last real frame: the ceiling of a model
-    whose latent predictions were exact. A state-conditioned model gets the recorded states of the
+    whose latent predictions were exact.
+
+    ``gain_psnr_hN`` is the model's PSNR minus repeating the last frame's, and
+    ``gain_psnr_se_hN`` its standard error across episodes (clips of one episode are not
+    independent: each episode's mean gain counts once; NaN with a single episode). A gain two
+    standard errors above zero is one a new set of episodes would very likely show again.
+
+    A state-conditioned model gets the recorded states of the
     generated frames, or with ``state_predictor`` (a ``StatePredictor``) its predictions from the
     last context state under the recorded actions: the fair comparison, which sees no future state."""
     from dreamrt.world_models.sampling import Rollout
 
     h_max = max(horizons)
     sums: dict[str, float] = {}
+    gains: dict[int, list[Tensor]] = {h: [] for h in horizons}  # per clip: model minus repeat PSNR
     n = 0
     for i in range(0, len(starts), batch_size):
         first = torch.as_tensor(starts[i : i + batch_size])
@@ -209,8 +217,24 @@ def horizon_quality(
                 for metric, fn in (("psnr", _psnr), ("ssim", ssim)):
                     key = f"{name}_{metric}_h{h}"
                     sums[key] = sums.get(key, 0.0) + float(fn(img, truth).sum())
+            gains[h].append(_psnr(pred, truth) - _psnr(last_real, truth))
         n += b
-    return {"clips": n, **{k: v / n for k, v in sums.items()}}
+    episode = np.searchsorted(data.episode_ends, np.asarray(starts), side="right")
+    out: dict[str, Any] = {
+        "clips": n,
+        "episodes": len(np.unique(episode)),
+        **{k: v / n for k, v in sums.items()},
+    }
+    for h in horizons:
+        per_clip = torch.cat(gains[h]).numpy()
+        per_episode = np.array([per_clip[episode == e].mean() for e in np.unique(episode)])
+        out[f"gain_psnr_h{h}"] = float(per_clip.mean())
+        out[f"gain_psnr_se_h{h}"] = (
+            float(per_episode.std(ddof=1) / np.sqrt(len(per_episode)))
+            if len(per_episode) > 1
+            else float("nan")
+        )
+    return out
 
 
 def _psnr(a: Tensor, b: Tensor) -> Tensor:

@@ -111,8 +111,23 @@ def test_bench_trained_rows(trained):
         == json.loads((run_dir / "dynamics" / "summary.json").read_text())["val_episodes"]
     )
     assert 0 < summary["tokenizer_psnr"] < 100
+    # The gain over repeating the last frame; one held-out episode gives no spread across episodes.
+    assert rows[1]["gain_vs_repeat_h4"] == pytest.approx(rows[1]["psnr_h4"] - rows[3]["psnr_h4"], abs=1e-4)
+    assert summary["quality_episodes"] == 1 and np.isnan(rows[1]["gain_vs_repeat_se_h4"])
     with pytest.raises(UserError, match="tokenizer=RUN dynamics=RUN store=STORE"):
         bench.BenchWorldModelConfig(dynamics=str(run_dir / "dynamics"))
+    with pytest.raises(UserError, match="episodes"):
+        bench.BenchWorldModelConfig(**{**cfg.__dict__, "episodes": "some"})
+
+    # episodes="all": every episode of the store (one recorded apart from training), and the standard
+    # error of the gain across them.
+    every = bench.run(
+        bench.BenchWorldModelConfig(
+            **{**cfg.__dict__, "episodes": "all", "configs": cfg.configs[1:2], "clips_per_episode": 2}
+        )
+    ).summary
+    assert every["held_out_episodes"] == [0, 1, 2, 3, 4] and every["quality_episodes"] == 5
+    assert every["quality_clips"] == 10 and every["rows"][0]["gain_vs_repeat_se_h4"] > 0
 
 
 @pytest.fixture(scope="module")
