@@ -553,7 +553,7 @@ def format_trained_table(summary: dict, horizons: list[int]) -> str:
         )
         seen = set()
         for r in gains:
-            key = (r["name"], r["sampler"], r["steps"])
+            key = (r.get("model"), r["sampler"], r["steps"])  # speculation and streams leave frames alone
             if key in seen:
                 continue
             seen.add(key)
