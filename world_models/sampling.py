@@ -298,8 +298,9 @@ class Rollout:
     context: dict[int, ContextFrame] = field(init=False, default_factory=dict)
     # Fused mode: frames whose keys/values the next pass must write (their final input).
     owed: list[ContextFrame] = field(init=False, default_factory=list)
-    # With a state predictor: the (B, S) state at the current frame, and at each tentative frame.
-    state: Tensor | None = field(init=False, default=None)
+    # The (B, S) normalised state at the current frame: observed, or predicted by state_predictor;
+    # and with a predictor, the state at each tentative frame.
+    current_state: Tensor | None = field(init=False, default=None)
     tentative_states: list[Tensor] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -328,16 +329,11 @@ class Rollout:
         """Frames in the sequence so far (tentative ones included)."""
         return self.cache.length
 
-    @property
-    def current_state(self) -> Tensor | None:
-        """(B, S) normalised state at the current frame: observed, or predicted by ``state_predictor``."""
-        return self.state
-
     def reset(self) -> None:
         self.cache.reset()
         self.context.clear()
         self.owed = []
-        self.state = None
+        self.current_state = None
         self.tentative_states = []
 
     @torch.inference_mode()
@@ -371,7 +367,7 @@ class Rollout:
             self.cache.accept()
         self._keep(frames)
         if states is not None and c.state_dim:
-            self.state = states[:, -1].to(latents)
+            self.current_state = states[:, -1].to(latents)
 
     @torch.inference_mode()
     def step(self, action: Tensor, state: Tensor | None = None) -> Tensor:
@@ -403,13 +399,13 @@ class Rollout:
 
     def snapshot(self) -> RolloutSnapshot:
         """A copy of the rollout's state (the cache tensors are copied)."""
-        return RolloutSnapshot(self.cache.snapshot(), dict(self.context), list(self.owed), self.state)
+        return RolloutSnapshot(self.cache.snapshot(), dict(self.context), list(self.owed), self.current_state)
 
     def restore(self, snapshot: RolloutSnapshot) -> None:
         self.cache.restore(snapshot.cache)
         self.context = dict(snapshot.context)
         self.owed = list(snapshot.owed)
-        self.state = snapshot.state
+        self.current_state = snapshot.state
         self.tentative_states = []
 
     def context_frames(self) -> list[ContextFrame]:
@@ -430,12 +426,12 @@ class Rollout:
         like = next(iter(self.context.values())).x
         predictor = self.state_predictor
         if state is None and predictor is not None:
-            if self.state is None:
+            if self.current_state is None:
                 raise UserError(
                     "The rollout has no state to predict from: prefill() it with the observed states, or pass the "
                     "current state."
                 )
-            state = self.state
+            state = self.current_state
         action, state = _check_cond(model, action, state, like.shape[0])
         b = like.shape[0]
         action, state = action.to(like), state.to(like)
@@ -447,7 +443,7 @@ class Rollout:
             self.tentative_states = chain[1:]
             frame_states = torch.stack(chain[:k], 1)
         else:
-            self.state = None  # the state at the generated frames is unknown without a predictor
+            self.current_state = None  # the state at the generated frames is unknown without a predictor
             frame_states = state.unsqueeze(1).expand(b, k, -1)
         cond = FrameCond(
             action.unsqueeze(1).expand(b, k, -1),
@@ -489,7 +485,7 @@ class Rollout:
     def _accept_states(self, n: int | None) -> None:
         kept = self.tentative_states if n is None else self.tentative_states[:n]
         if kept:
-            self.state = kept[-1]
+            self.current_state = kept[-1]
         self.tentative_states = []
 
     def _keep(self, frames: Sequence[ContextFrame]) -> None:

@@ -105,19 +105,24 @@ def test_job_config_errors(store):
         )
 
 
-def test_dynamics_job_trains_on_its_own_rollouts(store, tmp_path, monkeypatch):
-    import dreamrt.world_models.train as train_module
-    from dreamrt.world_models.dynamics import FlowMatchingConfig
-
-    tok_dir = tmp_path / "tok"
+def _tiny_tokenizer(store, tmp_path):
+    """A tokenizer trained 2 steps: enough for dynamics jobs to run on its latents."""
     run_tokenizer(
         TokenizerTrainConfig(
             store=str(store),
             model=tokenizer_preset("tiny"),
             optim=OptimConfig(steps=2, batch_size=8, warmup_steps=1, save_every=2),
         ),
-        tok_dir,
+        tmp_path / "tok",
     )
+    return tmp_path / "tok"
+
+
+def test_dynamics_job_trains_on_its_own_rollouts(store, tmp_path, monkeypatch):
+    import dreamrt.world_models.train as train_module
+    from dreamrt.world_models.dynamics import FlowMatchingConfig
+
+    tok_dir = _tiny_tokenizer(store, tmp_path)
     calls = []
 
     def spy(model, latents, actions, states, first, sampler):
@@ -153,15 +158,7 @@ def test_dynamics_job_starts_from_an_actions_only_checkpoint(store, tmp_path):
     from dreamrt.world_models.dynamics import NextFrameDiT, frame_conditions
     from dreamrt.world_models.train import start_from
 
-    tok_dir = tmp_path / "tok"
-    run_tokenizer(
-        TokenizerTrainConfig(
-            store=str(store),
-            model=tokenizer_preset("tiny"),
-            optim=OptimConfig(steps=2, batch_size=8, warmup_steps=1, save_every=2),
-        ),
-        tok_dir,
-    )
+    tok_dir = _tiny_tokenizer(store, tmp_path)
     optim = OptimConfig(steps=3, batch_size=4, warmup_steps=1, log_every=3, save_every=3)
     actions_only = DynamicsTrainConfig(
         store=str(store),
