@@ -21,6 +21,19 @@ With ``rollout_prob`` a batch's context frames (and so the targets' anchor) are 
 1-step rollout instead of real frames (``own_rollout_context``), as the teacher's training does
 with ``FlowMatchingConfig.rollout_prob``; the targets stay real frames.
 
+With ``direct_prob`` a batch instead trains the one map the deployed sampler uses, directly
+(knowledge distillation of a deterministic sampler, Luhman & Luhman 2021): at temperature 0 (the
+sampler default) a frame starts at its source's mean (for ``source="last_frame"`` models the anchor
+frame itself), so the 1-step student is a function of the context alone. The loss is the squared
+distance of the student's x_0 estimate at t = 1 from that start to ``direct_target``: the teacher's
+own temperature-0 sample (``direct_teacher_steps`` Euler steps, all target frames together, as
+generation does) or the recorded frame (``"data"``, the conditional mean that maximises PSNR), or
+the teacher's sample after real context and the recorded frame after the student's own rollout
+(``"data_on_rollouts"``: from frames it drifted to, the teacher would only continue the drift,
+while the recorded frame pulls the rollout back to what happened). CD
+alone spends its steps on the whole noise distribution at every time of the grid, of which the
+deployed sampler visits one point; the mix keeps CD for the rest (the 2-step sampler, temperature 1).
+
 Block-causal attention makes this one recipe cover both ways the model generates: the first
 target frame sees only context, so its ODE is the one of single-frame generation; the frames
 after it see it at the same noise level, which is exactly how ``Rollout.speculate`` denoises k
@@ -50,7 +63,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dreamrt.errors import UserError
+from dreamrt.errors import UserError, choose
 from dreamrt.jobs import JobResult
 from dreamrt.world_models.dynamics import (
     DYNAMICS_KIND,
@@ -63,12 +76,17 @@ from dreamrt.world_models.dynamics import (
 from dreamrt.world_models.sampling import FrameSamplerConfig, own_rollout_context, sampling_times
 from dreamrt.world_models.train import MISSING, OptimConfig, _fit, _split_rows, evaluate_one_step
 
+DIRECT_TARGETS = ("teacher", "data", "data_on_rollouts")
+
 
 @dataclass
 class WorldModelDistillConfig:
     teacher: str = MISSING  # a trained dynamics run directory or checkpoint
     store: str = MISSING  # the episode store the teacher was trained on
     tokenizer: str = ""  # empty: the tokenizer the teacher's run used (its summary.json)
+    # Empty: the student starts as a copy of the teacher. Else a dynamics checkpoint of the teacher's
+    # architecture to start from, e.g. a student to go on distilling with another objective.
+    student_init: str = ""
     teacher_steps: int = 16  # N: Euler steps of the teacher's ODE the grid has
     shift: float = 1.0  # the grid's time shift (FrameSamplerConfig.shift)
     clip_frames: int = 8  # T
@@ -78,6 +96,12 @@ class WorldModelDistillConfig:
     # real frames, as for the teacher (``FlowMatchingConfig.rollout_prob``): the teacher's ODE step
     # and the target then start from the frames the student will really continue.
     rollout_prob: float = 0.0
+    # Chance a batch trains the temperature-0 1-step map directly (module docstring) instead of CD,
+    # towards the teacher's temperature-0 sample ("teacher"), the recorded frame ("data"), or the
+    # teacher's after real context and the recorded frame after the student's rollout ("data_on_rollouts").
+    direct_prob: float = 0.0
+    direct_target: str = "teacher"
+    direct_teacher_steps: int = 4
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
             steps=2000, batch_size=8, lr=1e-4, warmup_steps=100, save_every=250
@@ -101,6 +125,12 @@ class WorldModelDistillConfig:
             )
         if not 0.0 <= self.rollout_prob <= 1.0:
             raise UserError(f"rollout_prob must be in [0, 1], got {self.rollout_prob}.")
+        if not 0.0 <= self.direct_prob <= 1.0 or self.direct_teacher_steps < 1:
+            raise UserError(
+                f"direct_prob must be in [0, 1] and direct_teacher_steps >= 1, got {self.direct_prob}, "
+                f"{self.direct_teacher_steps}."
+            )
+        choose("direct_target", self.direct_target, DIRECT_TARGETS)
         if self.rollout_prob and self.clip_frames - 1 - self.max_targets < 1:
             raise UserError(
                 f"rollout_prob needs clip_frames >= max_targets + 2 (a real frame to start the rollout from and "
@@ -144,6 +174,44 @@ def consistency_loss(
         t_next = torch.where(target, t_lo, t_ctx)
         goal = x_next - _frames(t_next) * student(x_next, t_next, cond)  # x_0 estimate; = x_next at t = 0
     estimate = x_t - _frames(t) * student(x_t, t, cond)
+    per_frame = (estimate - goal).pow(2).mean(dim=(2, 3, 4))  # (B, T)
+    loss = (per_frame * target).sum() / target.sum()
+    return loss, {"loss": float(loss.detach()), "targets_per_clip": float(target.float().sum(1).mean())}
+
+
+def direct_loss(
+    student: NextFrameDiT,
+    teacher: NextFrameDiT,
+    latents: Tensor,
+    cond: FrameCond,
+    cfg: WorldModelDistillConfig,
+    generator: torch.Generator | None = None,
+    context_latents: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The direct loss of the module docstring on a batch of clips (arguments as :func:`consistency_loss`):
+    the student's 1-step temperature-0 frames against the teacher's temperature-0 sample or the data."""
+    b, frames = latents.shape[:2]
+    target, anchor = generation_layout(b, frames, cfg.max_targets, generator)
+    t_ctx = torch.rand((b, frames), generator=generator) * cfg.context_noise_max
+    noise = torch.randn(latents.shape, generator=generator)
+    shown = latents if context_latents is None else context_latents
+    # Temperature 0: targets start at their source's mean (zero noise); context frames keep their noise.
+    start = flow_source(student.config, shown, torch.where(_frames(target), 0.0, noise), target, anchor)
+    x_1 = torch.where(_frames(target), start, (1 - _frames(t_ctx)) * shown + _frames(t_ctx) * start)
+    t_1 = torch.where(target, torch.ones(()), t_ctx)
+    if cfg.direct_target == "data" or (
+        cfg.direct_target == "data_on_rollouts" and context_latents is not None
+    ):
+        goal = latents
+    else:
+        times = sampling_times(FrameSamplerConfig(steps=cfg.direct_teacher_steps))
+        x, t = x_1, t_1
+        with torch.no_grad():
+            for t_hi, t_lo in zip(times[:-1], times[1:]):
+                x = x + _frames(torch.where(target, t_lo - t_hi, 0.0)) * teacher(x, t, cond)
+                t = torch.where(target, t_lo, t_ctx)
+        goal = x
+    estimate = x_1 - _frames(t_1) * student(x_1, t_1, cond)
     per_frame = (estimate - goal).pow(2).mean(dim=(2, 3, 4))  # (B, T)
     loss = (per_frame * target).sum() / target.sum()
     return loss, {"loss": float(loss.detach()), "targets_per_clip": float(target.float().sum(1).mean())}
@@ -207,6 +275,14 @@ def run(cfg: WorldModelDistillConfig, out_dir: Path) -> JobResult:
     torch.manual_seed(cfg.seed)
     student = NextFrameDiT(dc)
     student.load_state_dict(teacher.state_dict())
+    if cfg.student_init:
+        initial, _ = load_dynamics(cfg.student_init)
+        if initial.config != dc:
+            raise UserError(
+                f"student_init {cfg.student_init} has another architecture than the teacher {cfg.teacher}: "
+                f"{initial.config} vs {dc}."
+            )
+        student.load_state_dict(initial.state_dict())
     latents, actions, states = episodes.latents, episodes.actions, episodes.states
 
     rollout_sampler = FrameSamplerConfig(solver="x0", steps=1, temperature=0.0)
@@ -219,7 +295,9 @@ def run(cfg: WorldModelDistillConfig, out_dir: Path) -> JobResult:
         if cfg.rollout_prob and float(torch.rand(())) < cfg.rollout_prob:
             first = int(torch.randint(1, last_first + 1, ()))
             shown = own_rollout_context(student, clips, a, s, first, rollout_sampler)
-        return consistency_loss(student, teacher, clips, frame_conditions(a, s), cfg, context_latents=shown)
+        direct = cfg.direct_prob and float(torch.rand(())) < cfg.direct_prob
+        loss = direct_loss if direct else consistency_loss
+        return loss(student, teacher, clips, frame_conditions(a, s), cfg, context_latents=shown)
 
     step, logged = _fit(student, cfg, out_dir, DYNAMICS_KIND, loss_fn, lambda m: None, normalizer)
 
@@ -237,6 +315,7 @@ def run(cfg: WorldModelDistillConfig, out_dir: Path) -> JobResult:
     summary = {
         "kind": DYNAMICS_KIND,
         "distilled_from": str(cfg.teacher),
+        "student_init": str(cfg.student_init),
         "steps": step,
         "final_loss": logged[-1]["loss"] if logged else None,
         "tokenizer": str(tokenizer_path),

@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from dreamrt.errors import UserError
-from dreamrt.world_models.distill import WorldModelDistillConfig, consistency_loss
+from dreamrt.world_models.distill import WorldModelDistillConfig, consistency_loss, direct_loss
 from dreamrt.world_models.dynamics import FrameCond, NextFrameDiT, preset
 from dreamrt.world_models.sampling import FrameSamplerConfig, context_frames, generate_uncached
 
 
-def _teacher() -> NextFrameDiT:
+def _teacher(**overrides) -> NextFrameDiT:
     """A tiny model whose velocity field is far from zero (adaLN-Zero starts it at exactly zero)."""
     torch.manual_seed(0)
-    model = NextFrameDiT(preset("tiny", action_dim=2, state_dim=0))
+    model = NextFrameDiT(preset("tiny", action_dim=2, state_dim=0, **overrides))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.15 * torch.randn_like(p))
@@ -101,3 +101,93 @@ def test_consistency_loss_reads_context_from_context_latents():
         WorldModelDistillConfig(teacher="t", store="s", clip_frames=4, max_targets=3, rollout_prob=0.5)
     with pytest.raises(UserError, match="rollout_prob must be"):
         WorldModelDistillConfig(teacher="t", store="s", rollout_prob=2.0)
+
+
+def _temperature_zero_gap(student: NextFrameDiT, reference, latents, cond) -> float:
+    """Mean squared distance of the student's 1-step temperature-0 frame after 3 context frames from
+    ``reference(i, ctx, next_cond)``."""
+    gaps = []
+    for i in range(latents.shape[0]):
+        ctx = context_frames(latents[i : i + 1, :3], _pick(cond, i, 0, 3), FrameSamplerConfig())
+        nxt = _pick(cond, i, 3, 4)
+        got, _ = generate_uncached(student, ctx, nxt, FrameSamplerConfig(solver="x0", steps=1))
+        gaps.append(float((got - reference(i, ctx, nxt)).pow(2).mean()))
+    return sum(gaps) / len(gaps)
+
+
+def _train_direct(student, teacher, cfg, clip_seeds) -> None:
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    student.train()
+    for seed in clip_seeds:
+        latents, cond = _clips(16, 4, seed=seed)
+        loss, info = direct_loss(student, teacher, latents, cond, cfg, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert 1 <= info["targets_per_clip"] <= 2
+    student.eval()
+
+
+@pytest.mark.parametrize("source", ["noise", "last_frame"])
+def test_direct_distillation_brings_temperature_zero_frames_to_the_teachers_sample(source):
+    teacher = _teacher(source=source, source_sigma=0.5)
+    student = NextFrameDiT(teacher.config)
+    student.load_state_dict(teacher.state_dict())
+    cfg = WorldModelDistillConfig(
+        teacher="t", store="s", clip_frames=4, max_targets=2, direct_prob=1.0, direct_teacher_steps=4
+    )
+    test_latents, test_cond = _clips(8, 4, seed=123)
+
+    def teacher_sample(i, ctx, nxt):
+        return generate_uncached(teacher, ctx, nxt, FrameSamplerConfig(steps=4))[0]
+
+    before = _temperature_zero_gap(student, teacher_sample, test_latents, test_cond)
+    _train_direct(student, teacher, cfg, range(200))
+    after = _temperature_zero_gap(student, teacher_sample, test_latents, test_cond)
+    assert after < 0.2 * before, (before, after)
+
+
+def test_direct_distillation_towards_data_fits_the_recorded_frames():
+    teacher = _teacher(source="last_frame", source_sigma=0.5)
+    student = NextFrameDiT(teacher.config)
+    student.load_state_dict(teacher.state_dict())
+    cfg = WorldModelDistillConfig(
+        teacher="t", store="s", clip_frames=4, max_targets=1, direct_prob=1.0, direct_target="data"
+    )
+    latents, cond = _clips(16, 4, seed=5)  # the training clips themselves: the student must fit them
+
+    def recorded(i, ctx, nxt):
+        return latents[i : i + 1, 3:4]
+
+    before = _temperature_zero_gap(student, recorded, latents, cond)
+    _train_direct(student, teacher, cfg, [5] * 200)
+    after = _temperature_zero_gap(student, recorded, latents, cond)
+    assert after < 0.2 * before, (before, after)
+    with pytest.raises(UserError, match="direct_target"):
+        WorldModelDistillConfig(teacher="t", store="s", direct_target="truth")
+    with pytest.raises(UserError, match="direct_prob"):
+        WorldModelDistillConfig(teacher="t", store="s", direct_prob=1.5)
+
+
+def test_direct_target_data_on_rollouts_uses_the_recorded_frames_only_after_generated_context():
+    teacher = _teacher(source="last_frame", source_sigma=0.5)
+    student = NextFrameDiT(teacher.config)
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():  # a student that differs from its teacher, so no loss is zero
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    latents, cond = _clips(4, 5, seed=9)
+    generated = latents + 0.05 * torch.randn_like(latents)
+
+    def loss(target: str, context_latents=None) -> float:
+        cfg = WorldModelDistillConfig(
+            teacher="t", store="s", clip_frames=5, max_targets=2, direct_prob=1.0, direct_target=target
+        )
+        value, _ = direct_loss(
+            student, teacher, latents, cond, cfg, torch.Generator().manual_seed(0), context_latents
+        )
+        return float(value.detach())
+
+    assert loss("data_on_rollouts") == loss("teacher") != loss("data")
+    assert loss("data_on_rollouts", generated) == loss("data", generated) != loss("teacher", generated)

@@ -378,6 +378,46 @@ def test_distill_on_the_students_own_rollouts(distilled, tmp_path, monkeypatch):
     assert all(1 <= first <= 2 for _, first, _, _ in calls)
 
 
+def test_distill_direct_from_a_student(distilled, tmp_path, monkeypatch):
+    """``student_init`` starts from an earlier student; ``direct_prob=1`` trains every batch with the
+    direct temperature-0 loss; a start of another architecture is refused."""
+    import dataclasses
+
+    import dreamrt.world_models.distill as distill_module
+    from dreamrt.world_models.dynamics import NextFrameDiT, save_dynamics
+
+    out, _, base = distilled
+    earlier, _ = load_dynamics(out)
+    first_weights = []
+    direct_loss = distill_module.direct_loss
+
+    def spy(student, teacher, latents, cond, cfg, generator=None, context_latents=None):
+        if not first_weights:
+            first_weights.append(
+                all(
+                    torch.equal(a, b)
+                    for a, b in zip(student.state_dict().values(), earlier.state_dict().values())
+                )
+            )
+        return direct_loss(student, teacher, latents, cond, cfg, generator, context_latents)
+
+    monkeypatch.setattr(distill_module, "direct_loss", spy)
+    monkeypatch.setattr(distill_module, "consistency_loss", None)  # a CD batch would fail loudly
+    cfg = dataclasses.replace(
+        base,
+        student_init=str(out),
+        direct_prob=1.0,
+        optim=OptimConfig(steps=2, batch_size=4, warmup_steps=1, log_every=2, save_every=2),
+    )
+    summary = distill_module.run(cfg, tmp_path / "student").summary
+    assert first_weights == [True] and summary["student_init"] == str(out) and summary["steps"] == 2
+    assert np.isfinite(summary["final_loss"])
+    other = NextFrameDiT(dataclasses.replace(earlier.config, n_layer=earlier.config.n_layer + 1))
+    save_dynamics(other, tmp_path / "other")
+    with pytest.raises(UserError, match="another architecture"):
+        distill_module.run(dataclasses.replace(cfg, student_init=str(tmp_path / "other")), tmp_path / "s2")
+
+
 def test_bench_default_rows_with_a_student(trained, distilled):
     store, run_dir, _ = trained
     cfg = bench.BenchWorldModelConfig(
