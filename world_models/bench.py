@@ -63,7 +63,7 @@ class BenchRowConfig:
 
 def _default_rows() -> list[BenchRowConfig]:
     """The teacher without and with the cache, the teacher's own weights in one x0 step (what the
-    distillation has to beat), the distilled student at 1-2 steps, and speculation on the recorded
+    distillation has to beat), the distilled student at 1-2 steps (1 step also without the cache), and speculation on the recorded
     stream and on one whose actions repeat (each against the same row without it)."""
     return [
         BenchRowConfig("teacher", "euler", 8, kv_cache=False),
@@ -71,6 +71,7 @@ def _default_rows() -> list[BenchRowConfig]:
         BenchRowConfig("teacher", "euler", 4),
         BenchRowConfig("teacher weights, 1 step", "x0", 1),
         BenchRowConfig("student", "x0", 2, model="student"),
+        BenchRowConfig("student", "x0", 1, kv_cache=False, model="student"),
         BenchRowConfig("student", "x0", 1, model="student"),
         BenchRowConfig("student + speculation", "x0", 1, speculate=4, model="student"),
         BenchRowConfig("student, held actions", "x0", 1, model="student", action_hold=4),

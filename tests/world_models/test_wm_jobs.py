@@ -434,6 +434,10 @@ def test_bench_default_rows_with_a_student(trained, distilled):
     assert {r["model"] for r in rows[:-2]} == {"teacher", "student"}
     undistilled = by_name["teacher weights, 1 step"]
     assert (undistilled["model"], undistilled["sampler"], undistilled["steps"]) == ("teacher", "x0", 1)
+    one_step = [r for r in rows if (r["name"], r["steps"]) == ("student", 1)]
+    assert [r["kv_cache"] for r in one_step] == [False, True]
+    # The cache changes the speed, not the frames.
+    assert one_step[0]["psnr_h1"] == pytest.approx(one_step[1]["psnr_h1"], abs=1e-3)
     held = by_name["student + spec., held actions"]
     assert held["action_hold"] == 4 and held["speculative"] == 4
     # Speedups compare with the same configuration without speculation, from the same run.
