@@ -123,10 +123,13 @@ def test_ctrl_c_saves_and_resume_is_bitwise_exact(state_store, tmp_path):
         signal.raise_signal(signal.SIGINT)  # what a terminal's Ctrl-C delivers
         return {"pressed": 1.0}
 
+    # What was installed before: Python's default handler, or SIG_IGN when the suite runs as a
+    # background job (a shell starts those with SIGINT ignored).
+    before = signal.getsignal(signal.SIGINT)
     interrupted = train(toy_config(state_store, eval_every=12), tmp_path / "split", evaluate=press_ctrl_c)
     assert interrupted.interrupted and interrupted.step == 12
     assert latest_checkpoint(tmp_path / "split").name == "step_000012"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
 
     # Neither the DataLoader (with workers) nor gathering on the device changes the batches: the
     # straight run gathered them on the device, the resumed half loads them through workers.
