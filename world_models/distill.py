@@ -155,13 +155,11 @@ def consistency_loss(
     """The CD loss of the module docstring on a batch of clips: latents (B, T, C, gh, gw).
     ``context_latents`` (default ``latents``) are what context frames show and targets start from;
     target frames are noised from ``latents``."""
-    b, frames = latents.shape[:2]
+    b = latents.shape[0]
     times = torch.tensor(sampling_times(FrameSamplerConfig(steps=cfg.teacher_steps, shift=cfg.shift)))
     n = torch.randint(cfg.teacher_steps, (b,), generator=generator)
     t_hi, t_lo = times[n].view(b, 1), times[n + 1].view(b, 1)  # (B, 1)
-    target, anchor = generation_layout(b, frames, cfg.max_targets, generator)
-    t_ctx = torch.rand((b, frames), generator=generator) * cfg.context_noise_max
-    noise = torch.randn(latents.shape, generator=generator)
+    target, anchor, t_ctx, noise = _clip_layout(latents, cfg, generator)
     shown = latents if context_latents is None else context_latents
     source = flow_source(student.config, shown, noise, target, anchor)
     t = torch.where(target, t_hi, t_ctx)
@@ -174,9 +172,7 @@ def consistency_loss(
         t_next = torch.where(target, t_lo, t_ctx)
         goal = x_next - _frames(t_next) * student(x_next, t_next, cond)  # x_0 estimate; = x_next at t = 0
     estimate = x_t - _frames(t) * student(x_t, t, cond)
-    per_frame = (estimate - goal).pow(2).mean(dim=(2, 3, 4))  # (B, T)
-    loss = (per_frame * target).sum() / target.sum()
-    return loss, {"loss": float(loss.detach()), "targets_per_clip": float(target.float().sum(1).mean())}
+    return _target_frames_loss(estimate, goal, target)
 
 
 def direct_loss(
@@ -190,10 +186,7 @@ def direct_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """The direct loss of the module docstring on a batch of clips (arguments as :func:`consistency_loss`):
     the student's 1-step temperature-0 frames against the teacher's temperature-0 sample or the data."""
-    b, frames = latents.shape[:2]
-    target, anchor = generation_layout(b, frames, cfg.max_targets, generator)
-    t_ctx = torch.rand((b, frames), generator=generator) * cfg.context_noise_max
-    noise = torch.randn(latents.shape, generator=generator)
+    target, anchor, t_ctx, noise = _clip_layout(latents, cfg, generator)
     shown = latents if context_latents is None else context_latents
     # Temperature 0: targets start at their source's mean (zero noise); context frames keep their noise.
     start = flow_source(student.config, shown, torch.where(_frames(target), 0.0, noise), target, anchor)
@@ -212,6 +205,22 @@ def direct_loss(
                 t = torch.where(target, t_lo, t_ctx)
         goal = x
     estimate = x_1 - _frames(t_1) * student(x_1, t_1, cond)
+    return _target_frames_loss(estimate, goal, target)
+
+
+def _clip_layout(
+    latents: Tensor, cfg: WorldModelDistillConfig, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per clip of a batch: the target mask and anchor (``generation_layout``), the context frames'
+    noise times and the noise."""
+    b, frames = latents.shape[:2]
+    target, anchor = generation_layout(b, frames, cfg.max_targets, generator)
+    t_ctx = torch.rand((b, frames), generator=generator) * cfg.context_noise_max
+    return target, anchor, t_ctx, torch.randn(latents.shape, generator=generator)
+
+
+def _target_frames_loss(estimate: Tensor, goal: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """Mean squared error over target frames only, and the numbers for logs."""
     per_frame = (estimate - goal).pow(2).mean(dim=(2, 3, 4))  # (B, T)
     loss = (per_frame * target).sum() / target.sum()
     return loss, {"loss": float(loss.detach()), "targets_per_clip": float(target.float().sum(1).mean())}
