@@ -38,16 +38,11 @@ def _pick(cond: FrameCond, i: int, lo: int, hi: int) -> FrameCond:
 def _gap_to_teacher(student: NextFrameDiT, teacher: NextFrameDiT, latents, cond) -> float:
     """Mean squared distance between the student's 1-step frame and the teacher's 8-step Euler frame,
     generated after 3 context frames with the same noise."""
-    gaps = []
-    for i in range(latents.shape[0]):
-        ctx = context_frames(latents[i : i + 1, :3], _pick(cond, i, 0, 3), FrameSamplerConfig())
-        nxt = _pick(cond, i, 3, 4)
-        ref, _ = generate_uncached(teacher, ctx, nxt, FrameSamplerConfig(steps=8, seed=i, temperature=1.0))
-        got, _ = generate_uncached(
-            student, ctx, nxt, FrameSamplerConfig(solver="x0", steps=1, seed=i, temperature=1.0)
-        )
-        gaps.append(float((got - ref).pow(2).mean()))
-    return sum(gaps) / len(gaps)
+
+    def teacher_frame(i, ctx, nxt):
+        return generate_uncached(teacher, ctx, nxt, FrameSamplerConfig(steps=8, seed=i, temperature=1.0))[0]
+
+    return _one_step_gap(student, teacher_frame, latents, cond, temperature=1.0)
 
 
 def test_consistency_distillation_brings_one_step_frames_to_the_teachers():
@@ -103,14 +98,15 @@ def test_consistency_loss_reads_context_from_context_latents():
         WorldModelDistillConfig(teacher="t", store="s", rollout_prob=2.0)
 
 
-def _temperature_zero_gap(student: NextFrameDiT, reference, latents, cond) -> float:
-    """Mean squared distance of the student's 1-step temperature-0 frame after 3 context frames from
-    ``reference(i, ctx, next_cond)``."""
+def _one_step_gap(student: NextFrameDiT, reference, latents, cond, temperature: float = 0.0) -> float:
+    """Mean squared distance of the student's 1-step frame after 3 context frames (noise seeded by the
+    clip's index) from ``reference(i, ctx, next_cond)``."""
     gaps = []
     for i in range(latents.shape[0]):
         ctx = context_frames(latents[i : i + 1, :3], _pick(cond, i, 0, 3), FrameSamplerConfig())
         nxt = _pick(cond, i, 3, 4)
-        got, _ = generate_uncached(student, ctx, nxt, FrameSamplerConfig(solver="x0", steps=1))
+        sampler = FrameSamplerConfig(solver="x0", steps=1, seed=i, temperature=temperature)
+        got, _ = generate_uncached(student, ctx, nxt, sampler)
         gaps.append(float((got - reference(i, ctx, nxt)).pow(2).mean()))
     return sum(gaps) / len(gaps)
 
@@ -142,9 +138,9 @@ def test_direct_distillation_brings_temperature_zero_frames_to_the_teachers_samp
     def teacher_sample(i, ctx, nxt):
         return generate_uncached(teacher, ctx, nxt, FrameSamplerConfig(steps=4))[0]
 
-    before = _temperature_zero_gap(student, teacher_sample, test_latents, test_cond)
+    before = _one_step_gap(student, teacher_sample, test_latents, test_cond)
     _train_direct(student, teacher, cfg, range(200))
-    after = _temperature_zero_gap(student, teacher_sample, test_latents, test_cond)
+    after = _one_step_gap(student, teacher_sample, test_latents, test_cond)
     assert after < 0.2 * before, (before, after)
 
 
@@ -160,9 +156,9 @@ def test_direct_distillation_towards_data_fits_the_recorded_frames():
     def recorded(i, ctx, nxt):
         return latents[i : i + 1, 3:4]
 
-    before = _temperature_zero_gap(student, recorded, latents, cond)
+    before = _one_step_gap(student, recorded, latents, cond)
     _train_direct(student, teacher, cfg, [5] * 200)
-    after = _temperature_zero_gap(student, recorded, latents, cond)
+    after = _one_step_gap(student, recorded, latents, cond)
     assert after < 0.2 * before, (before, after)
     with pytest.raises(UserError, match="direct_target"):
         WorldModelDistillConfig(teacher="t", store="s", direct_target="truth")
