@@ -52,17 +52,8 @@ def test_consistency_distillation_brings_one_step_frames_to_the_teachers():
     cfg = WorldModelDistillConfig(teacher="t", store="s", teacher_steps=8, clip_frames=4, max_targets=2)
     test_latents, test_cond = _clips(8, 4, seed=123)
     before = _gap_to_teacher(student.eval(), teacher, test_latents, test_cond)
-    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(1)
-    student.train()
-    for step in range(250):
-        latents, cond = _clips(16, 4, seed=step)
-        loss, info = consistency_loss(student, teacher, latents, cond, cfg, generator=g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        assert 1 <= info["targets_per_clip"] <= 2
-    after = _gap_to_teacher(student.eval(), teacher, test_latents, test_cond)
+    _fit(consistency_loss, student, teacher, cfg, clip_seeds=range(250))
+    after = _gap_to_teacher(student, teacher, test_latents, test_cond)
     assert after < 0.2 * before, (before, after)
 
 
@@ -111,13 +102,14 @@ def _one_step_gap(student: NextFrameDiT, reference, latents, cond, temperature: 
     return sum(gaps) / len(gaps)
 
 
-def _train_direct(student, teacher, cfg, clip_seeds) -> None:
+def _fit(loss_fn, student, teacher, cfg, clip_seeds) -> None:
+    """Adam steps of ``loss_fn`` (consistency_loss or direct_loss), one batch of clips per seed; leaves the student in eval mode."""
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
     student.train()
     for seed in clip_seeds:
         latents, cond = _clips(16, 4, seed=seed)
-        loss, info = direct_loss(student, teacher, latents, cond, cfg, generator=g)
+        loss, info = loss_fn(student, teacher, latents, cond, cfg, generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -139,7 +131,7 @@ def test_direct_distillation_brings_temperature_zero_frames_to_the_teachers_samp
         return generate_uncached(teacher, ctx, nxt, FrameSamplerConfig(steps=4))[0]
 
     before = _one_step_gap(student, teacher_sample, test_latents, test_cond)
-    _train_direct(student, teacher, cfg, range(200))
+    _fit(direct_loss, student, teacher, cfg, range(200))
     after = _one_step_gap(student, teacher_sample, test_latents, test_cond)
     assert after < 0.2 * before, (before, after)
 
@@ -157,7 +149,7 @@ def test_direct_distillation_towards_data_fits_the_recorded_frames():
         return latents[i : i + 1, 3:4]
 
     before = _one_step_gap(student, recorded, latents, cond)
-    _train_direct(student, teacher, cfg, [5] * 200)
+    _fit(direct_loss, student, teacher, cfg, [5] * 200)
     after = _one_step_gap(student, recorded, latents, cond)
     assert after < 0.2 * before, (before, after)
     with pytest.raises(UserError, match="direct_target"):
