@@ -212,6 +212,8 @@ class DiffusionPolicy(nn.Module):
             {_module_key(k): _Affine(normalizer.params(k).scale, normalizer.params(k).offset) for k in keys}
         )
         self._check_action_dim(normalizer)
+        for key in config.lowdim_keys:  # derived inputs (angles, relative positions) need raw values
+            self.encoder.set_lowdim_affine(key, normalizer.params(key).scale, normalizer.params(key).offset)
         if config.encoder.use_language:
             table = torch.zeros(len(config.instructions), EMBED_DIM)
             if instruction_embeddings is not None:

@@ -4,7 +4,12 @@
 
 Per observation step the feature vector is the concatenation, in this order, of
 - the low-dim keys (``observation.state``, ``observation.environment_state``, ...), already
-  normalised by the dataset / policy, passed through unchanged;
+  normalised by the dataset / policy, passed through unchanged, except the dimensions
+  ``lowdim_angles`` names as angles: those are dropped and their (sin, cos) follow the key's
+  other dimensions (the raw angle is recovered from the normaliser's affine, which the policy
+  hands over with :meth:`ObservationEncoder.set_lowdim_affine`);
+- with ``lowdim_relative``, positions relative to a reference position (e.g. each block minus
+  the gripper), in metres times ``relative_scale``;
 - one ``image_feature_dim`` vector per camera (``observation.images.<camera>``): a small
   ResNet-18-like trunk (basic blocks, GroupNorm instead of BatchNorm, trained from scratch as
   Diffusion Policy does, since no pretrained weights are reachable here), then spatial softmax
@@ -192,6 +197,18 @@ class ObsEncoderConfig:
         default_factory=lambda: ["observation.state", "observation.environment_state"]
     )
     lowdim_dims: list[int] = field(default_factory=lambda: [15, 24])
+    # Per low-dim key, the indices of its dimensions that are angles in radians ([] or no entry:
+    # none; when given, one list per key). Each goes in as (sin, cos): CALVIN's Euler angles
+    # wrap at +-pi, and the gripper pointing down has a roll of about pi, so min-max
+    # normalisation turns a 0.01 rad turn across the wrap into a jump from -1 to +1.
+    lowdim_angles: list[list[int]] = field(default_factory=list)
+    # Positions also fed relative to a reference position, in metres times relative_scale: the
+    # first entry is the reference, each further one a point, all "key:index" of 3 consecutive
+    # dimensions (e.g. each block relative to the gripper). A target then arrives as the
+    # displacement the actions must produce rather than as two absolute positions, each
+    # min-max normalised over its own range.
+    lowdim_relative: list[str] = field(default_factory=list)
+    relative_scale: float = 10.0  # 10 cm -> 1.0
     cameras: list[CameraConfig] = field(default_factory=list)
     shared_trunk: bool = False  # one CNN trunk for all cameras (pooling heads stay per camera)
     cnn_width: int = 32  # channels of the stem and first stage; stage i has cnn_width * 2**i
@@ -218,6 +235,30 @@ class ObsEncoderConfig:
                 )
             if not isinstance(dim, int) or dim <= 0:
                 raise UserError(f"lowdim_dims for '{key}' must be a positive int, got {dim!r}.")
+        self.lowdim_angles = [list(a) for a in self.lowdim_angles]
+        if self.lowdim_angles and len(self.lowdim_angles) != len(self.lowdim_keys):
+            raise UserError(
+                f"ObsEncoderConfig.lowdim_angles has {len(self.lowdim_angles)} lists but there are "
+                f"{len(self.lowdim_keys)} low-dim keys {self.lowdim_keys}; give one list of angle indices per "
+                "key ([] for a key without angles), or lowdim_angles=[] for none."
+            )
+        self.lowdim_relative = [str(e) for e in self.lowdim_relative]
+        if len(self.lowdim_relative) == 1:
+            raise UserError(
+                f"lowdim_relative={self.lowdim_relative} names only the reference; list the reference, then "
+                "the positions to express relative to it (or [] for none)."
+            )
+        self.relative_slices()  # validates the entries
+        if not self.relative_scale > 0:
+            raise UserError(f"relative_scale must be > 0, got {self.relative_scale!r}.")
+        for key, dim, angles in zip(self.lowdim_keys, self.lowdim_dims, self.lowdim_angles):
+            if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < dim for i in angles) or len(
+                set(angles)
+            ) != len(angles):
+                raise UserError(
+                    f"lowdim_angles for '{key}' is {angles}; expected distinct indices in [0, {dim}) of its "
+                    "dimensions that hold angles in radians."
+                )
         names = [c.name for c in self.cameras]
         if len(set(names)) != len(names) or len(set(self.lowdim_keys)) != len(self.lowdim_keys):
             raise UserError(
@@ -251,10 +292,35 @@ class ObsEncoderConfig:
                     f"(each halves the size). Use fewer cnn_blocks entries or a larger image."
                 )
 
+    def relative_slices(self) -> list[tuple[int, int]]:
+        """``lowdim_relative`` as (low-dim key position, first index) pairs, reference first."""
+        out = []
+        for entry in self.lowdim_relative:
+            key, _, index = str(entry).rpartition(":")
+            if key not in self.lowdim_keys or not index.isdigit():
+                raise UserError(
+                    f"lowdim_relative entry {entry!r} must be 'key:index' with key one of {self.lowdim_keys}, "
+                    "e.g. 'observation.state:0' (three dimensions from that index hold a position)."
+                )
+            i = self.lowdim_keys.index(key)
+            if int(index) + 3 > self.lowdim_dims[i]:
+                raise UserError(
+                    f"lowdim_relative entry {entry!r}: '{key}' has {self.lowdim_dims[i]} dimensions, so a "
+                    f"position (3 of them) starts at most at index {self.lowdim_dims[i] - 3}."
+                )
+            out.append((i, int(index)))
+        return out
+
+    def angles_of(self, i: int) -> list[int]:
+        """The angle indices of the i-th low-dim key ([] when it has none)."""
+        return self.lowdim_angles[i] if self.lowdim_angles else []
+
     @property
     def concat_dim(self) -> int:
         return (
             sum(self.lowdim_dims)
+            + sum(len(a) for a in self.lowdim_angles)  # an angle becomes (sin, cos)
+            + 3 * max(0, len(self.lowdim_relative) - 1)
             + len(self.cameras) * self.image_feature_dim
             + (self.language_dim if self.use_language else 0)
         )
@@ -290,6 +356,37 @@ class ObservationEncoder(nn.Module):
         self.out = nn.Linear(config.concat_dim, config.output_dim) if config.output_dim is not None else None
         # Not a submodule: frozen, shared, and its weights stay out of this module's state_dict.
         self.sentence_encoder = sentence_encoder
+        # Angles and relative positions are computed from raw values, read back through the
+        # normaliser's affine per low-dim key (identity until set_lowdim_affine; not saved, as
+        # normalizer.json is the source). Per key with angles: the dimensions kept as they are.
+        for i, dim in enumerate(config.lowdim_dims):
+            self.register_buffer(f"_lowdim_scale_{i}", torch.ones(dim), persistent=False)
+            self.register_buffer(f"_lowdim_offset_{i}", torch.zeros(dim), persistent=False)
+            angles = config.angles_of(i)
+            if angles:
+                keep = [j for j in range(dim) if j not in angles]
+                self.register_buffer(f"_keep_{i}", torch.tensor(keep, dtype=torch.long), persistent=False)
+                self.register_buffer(f"_angle_{i}", torch.tensor(angles, dtype=torch.long), persistent=False)
+
+    def set_lowdim_affine(self, key: str, scale: Any, offset: Any) -> None:
+        """The affine ``y = x * scale + offset`` (per dimension, or scalar) the low-dim input ``key``
+        arrives normalised with, so angles and positions can be read back in their own units."""
+        if key not in self.config.lowdim_keys:
+            raise UserError(f"'{key}' is not a low-dim input of this encoder ({self.config.lowdim_keys}).")
+        i = self.config.lowdim_keys.index(key)
+        dim = self.config.lowdim_dims[i]
+        for name, value in (("scale", scale), ("offset", offset)):
+            full = torch.as_tensor(value, dtype=torch.float32).flatten()
+            if full.numel() == 1:
+                full = full.expand(dim)
+            if full.numel() != dim:
+                raise UserError(f"The {name} for '{key}' has {full.numel()} values; expected {dim} (or 1).")
+            buffer = getattr(self, f"_lowdim_{name}_{i}")
+            buffer.copy_(full.to(buffer.device))
+
+    def _raw(self, i: int, x: Tensor) -> Tensor:
+        """The i-th low-dim input back in its own units (the inverse of its normalisation)."""
+        return (x - getattr(self, f"_lowdim_offset_{i}")) / getattr(self, f"_lowdim_scale_{i}")
 
     def _pool(self, cam: CameraConfig) -> nn.Module:
         channels = self.config.cnn_width * 2 ** (len(self.config.cnn_blocks) - 1)
@@ -348,13 +445,23 @@ class ObservationEncoder(nn.Module):
         # B and To come from the first low-dim or image input; a language-only encoder has To = 1.
         b, to = (inputs[0].shape[0], inputs[0].shape[1]) if n_low + n_cam else (inputs[0].shape[0], 1)
         parts: list[Tensor] = []
-        for key, dim, x in zip(cfg.lowdim_keys, cfg.lowdim_dims, lowdim):
+        for i, (key, dim, x) in enumerate(zip(cfg.lowdim_keys, cfg.lowdim_dims, lowdim)):
             if x.ndim != 3 or x.shape[0] != b or x.shape[1] != to or x.shape[2] != dim:
                 raise UserError(
                     f"'{key}' has shape {tuple(x.shape)}; expected (B={b}, To={to}, {dim}). Check lowdim_dims "
                     "and that every observation key has the same batch and history length."
                 )
-            parts.append(x.float())
+            x = x.float()
+            if not cfg.angles_of(i):
+                parts.append(x)
+                continue
+            radians = self._raw(i, x).index_select(-1, getattr(self, f"_angle_{i}"))
+            parts += [x.index_select(-1, getattr(self, f"_keep_{i}")), torch.sin(radians), torch.cos(radians)]
+        if cfg.lowdim_relative:
+            (ref_key, ref_index), *points = cfg.relative_slices()
+            raw = {i: self._raw(i, lowdim[i].float()) for i in {k for k, _ in cfg.relative_slices()}}
+            reference = raw[ref_key][..., ref_index : ref_index + 3]
+            parts += [(raw[k][..., j : j + 3] - reference) * cfg.relative_scale for k, j in points]
         for i, (cam, x) in enumerate(zip(cfg.cameras, images)):
             frames = self._prepare_images(cam, x, b, to)  # (B, To, 3, h, w) float
             features = self.pools[i](self._trunk(i)(frames.flatten(0, 1)))  # (N, image_feature_dim)

@@ -49,9 +49,15 @@ def make_normalizer() -> Normalizer:
     return Normalizer.from_stats(stats, {"observation.state": "min_max", "action": "min_max"})
 
 
-def make_policy(*, language: bool = False, sampler: SamplerConfig | None = None, seed: int = 0, table=None):
+def make_policy(
+    *, language: bool = False, sampler: SamplerConfig | None = None, seed: int = 0, table=None, angles=()
+):
     enc = ObsEncoderConfig(
-        lowdim_keys=["observation.state"], lowdim_dims=[3], use_language=language, language_dim=8
+        lowdim_keys=["observation.state"],
+        lowdim_dims=[3],
+        lowdim_angles=[list(angles)] if angles else [],
+        use_language=language,
+        language_dim=8,
     )
     cfg = DiffusionPolicyConfig(
         encoder=enc,
@@ -255,6 +261,23 @@ def test_checkpoint_round_trip_gives_identical_actions(tmp_path):
     assert chunk.info == {**chunk.info, "sampler": "ddpm", "sampler_steps": 100}
     with pytest.raises(UserError, match="'other'"):
         load_checkpoint(path, kind="other")
+
+
+def test_angle_inputs_are_read_in_radians_and_survive_a_checkpoint(tmp_path):
+    policy = make_policy(angles=[1], seed=4)  # observation.state[1] is an angle, min-max from [-2, 2]
+    frames = [obs(i) for i in (1, 2)]
+    features = policy.encode_observations(window(*frames))[0]  # (To, 2 kept + sin + cos)
+    raw = torch.from_numpy(np.stack([f["observation.state"] for f in frames]))
+    torch.testing.assert_close(features[:, 2], torch.sin(raw[:, 1]))
+    torch.testing.assert_close(features[:, 3], torch.cos(raw[:, 1]))
+    loaded = load_diffusion_policy(save_diffusion_policy(policy, tmp_path / "ckpt"))
+    assert loaded.config.encoder.lowdim_angles == [[1]]
+    torch.testing.assert_close(
+        loaded.encode_observations(window(*frames)), policy.encode_observations(window(*frames))
+    )
+    for p in (policy, loaded):
+        p.reset(2)
+    np.testing.assert_array_equal(policy.act(obs(0)).actions, loaded.act(obs(0)).actions)
 
 
 def test_unknown_instruction_goes_through_the_sentence_encoder(tmp_path):

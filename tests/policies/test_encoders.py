@@ -66,6 +66,78 @@ def test_lowdim_features_pass_through_unchanged():
     assert torch.equal(encoder(obs), expected)
 
 
+def test_angles_enter_as_sine_and_cosine_read_back_through_the_normaliser():
+    # observation.state's dims 3 and 5 are angles, normalised min-max from [-pi, pi] as a store
+    # of a gripper pointing down gives them; every other dim passes through.
+    encoder = _encoder(lowdim_keys=["observation.state"], lowdim_dims=[6], lowdim_angles=[[3, 5]]).eval()
+    assert encoder.config.obs_feature_dim == 6 + 2
+    scale = np.array([2.0, 2.0, 2.0, 1 / np.pi, 2.0, 1 / np.pi])
+    encoder.set_lowdim_affine("observation.state", scale, np.zeros(6))
+    raw = torch.tensor([[[0.1, 0.2, 0.3, np.pi - 0.005, 0.4, -1.0]]])
+    out = encoder({"observation.state": raw * torch.tensor(scale, dtype=torch.float32)})[0, 0]
+    kept = raw[0, 0, [0, 1, 2, 4]] * 2.0
+    angles = raw[0, 0, [3, 5]]
+    expected = torch.cat([kept, torch.sin(angles), torch.cos(angles)])
+    assert torch.allclose(out, expected, atol=1e-5)
+    # Across the wrap (pi - 0.005 -> -pi + 0.005, a 0.01 rad turn) the features barely move,
+    # where the normalised angle itself jumps from about +1 to -1.
+    across = raw.clone()
+    across[0, 0, 3] = -np.pi + 0.005
+    moved = encoder({"observation.state": across * torch.tensor(scale, dtype=torch.float32)})[0, 0] - out
+    assert moved.abs().max() < 0.011
+    assert torch.equal(moved[:4], torch.zeros(4))
+
+
+def test_relative_positions_are_points_minus_the_reference_in_raw_units():
+    encoder = _encoder(
+        lowdim_keys=["observation.state", "observation.environment_state"],
+        lowdim_dims=[4, 6],
+        lowdim_relative=[
+            "observation.state:1",
+            "observation.environment_state:0",
+            "observation.environment_state:3",
+        ],
+        relative_scale=10.0,
+    ).eval()
+    assert encoder.config.obs_feature_dim == 4 + 6 + 2 * 3
+    state_scale, env_scale = torch.full((4,), 2.0), torch.linspace(1.0, 3.0, 6)
+    encoder.set_lowdim_affine("observation.state", state_scale, torch.full((4,), 0.5))
+    encoder.set_lowdim_affine("observation.environment_state", env_scale, torch.zeros(6))
+    state = torch.tensor([[[9.0, 0.1, 0.2, 0.3]]])
+    env = torch.tensor([[[0.15, 0.2, 0.35, -0.1, 0.0, 0.3]]])
+    out = encoder(
+        {"observation.state": state * state_scale + 0.5, "observation.environment_state": env * env_scale}
+    )[0, 0]
+    expected = torch.cat([(env[0, 0, :3] - state[0, 0, 1:]) * 10, (env[0, 0, 3:] - state[0, 0, 1:]) * 10])
+    assert torch.allclose(out[10:], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "relative, message",
+    [
+        (["observation.state:0"], "names only the reference"),
+        (["observation.state:13", "observation.environment_state:6"], "at most at index 12"),
+        (["observation.stat:0", "observation.environment_state:6"], "'key:index'"),
+    ],
+)
+def test_bad_relative_entries_are_user_errors(relative, message):
+    with pytest.raises(UserError, match=message):
+        ObsEncoderConfig(lowdim_relative=relative)
+
+
+@pytest.mark.parametrize(
+    "angles, message",
+    [
+        ([[3]], "one list of angle indices per key"),
+        ([[3], [24]], r"in \[0, 24\)"),
+        ([[1, 1], []], "distinct"),
+    ],
+)
+def test_bad_angle_indices_are_user_errors(angles, message):
+    with pytest.raises(UserError, match=message):
+        ObsEncoderConfig(lowdim_angles=angles)
+
+
 def test_image_layouts_and_dtypes_agree():
     encoder = _encoder(lowdim_keys=[], lowdim_dims=[], cameras=CAMS, **SMALL).eval()
     g = torch.Generator().manual_seed(1)

@@ -53,10 +53,20 @@ def make_normalizer() -> Normalizer:
     )
 
 
-def make_policy(*, language=True, camera=False, seed=0, sampler=None, p_drop=0.1) -> DiffusionPolicy:
+# Derived inputs: the Euler angles of the env's robot state (tcp roll, pitch, yaw) and scene
+# state (each block's), and each block's position relative to the tcp.
+ANGLES = [[3, 4, 5], [9, 10, 11, 15, 16, 17, 21, 22, 23]]
+RELATIVE = ["observation.state:0", *(f"observation.environment_state:{i}" for i in (6, 12, 18))]
+
+
+def make_policy(
+    *, language=True, camera=False, derived=False, seed=0, sampler=None, p_drop=0.1
+) -> DiffusionPolicy:
     """A random tiny DP-T with the env's inputs. Dropout is on (eval mode must switch it off in
     the export: a leak would show as a parity error)."""
     enc = ObsEncoderConfig(
+        lowdim_angles=ANGLES if derived else [],
+        lowdim_relative=RELATIVE if derived else [],
         use_language=language,
         language_dim=8,
         cameras=[CameraConfig(name="static", height=16, width=16, crop_height=14, crop_width=14)]
@@ -178,9 +188,10 @@ def test_graphs_match_torch_at_several_batch_sizes(tmp_path):
 # ---------------------------------------------------------------------------- the backend in a policy
 
 
-def test_ddim_chunks_on_onnxruntime_match_torch_with_the_same_noise(tmp_path):
-    torch_policy = make_policy(camera=True)
-    ort_policy = make_policy(camera=True)
+@pytest.mark.parametrize("derived", [False, True], ids=["raw", "angles_and_relative"])
+def test_ddim_chunks_on_onnxruntime_match_torch_with_the_same_noise(tmp_path, derived):
+    torch_policy = make_policy(camera=True, derived=derived)
+    ort_policy = make_policy(camera=True, derived=derived)
     ob.export_policy(torch_policy, tmp_path / "onnx")
     runtime = ob.attach_onnxruntime(ort_policy, tmp_path / "onnx", threads=1)
     assert isinstance(ort_policy.encoder, ob.OrtObservationEncoder)

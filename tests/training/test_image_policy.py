@@ -8,12 +8,11 @@ crops and the robot state, not about what the policy learns in three steps.
 
 import numpy as np
 import pytest
+from sim_demos import record_demos
 
 from dreamrt.cli.main import main
 from dreamrt.policies.factory import PolicyConfig, load_policy
 from dreamrt.sim.env import CalvinStyleEnv, EnvConfig
-from dreamrt.sim.record import RecordConfig
-from dreamrt.sim.record import run as record
 from dreamrt.training.checkpoint import load_checkpoint
 
 SHRINK = [
@@ -31,15 +30,7 @@ QUICK = ["trainer.batch_size=4", "trainer.device=cpu", "trainer.threads=1", "tra
 
 @pytest.fixture(scope="module")
 def image_store(tmp_path_factory):
-    out = tmp_path_factory.mktemp("image_policy")
-    store = out / "led.zarr"
-    record(
-        RecordConfig(
-            out=str(store), episodes=2, tasks=["turn_on_led"], num_workers=0, progress=False, seed=0
-        ),
-        out / "record",
-    )
-    return store
+    return record_demos(tmp_path_factory.mktemp("image_policy"), "turn_on_led", cameras=True)
 
 
 def test_image_small_trains_distils_and_acts_on_camera_observations(image_store, tmp_path):

@@ -7,6 +7,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from sim_demos import record_demos
 from toy_reaching import closed_loop, make_store, toy_config
 
 from dreamrt.errors import UserError
@@ -338,17 +339,9 @@ def test_cli_composes_train_yaml_and_runs(state_store, tmp_path):
 
 def test_train_logs_simulated_rollout_success_every_eval_every_steps(tmp_path):
     """`dreamrt train` with trainer.eval_every rolls the EMA policy out in the CALVIN-style sim."""
-    from dreamrt.sim.record import RecordConfig
-    from dreamrt.sim.record import run as record
     from dreamrt.training.train_policy import RolloutEvalConfig
 
-    store = tmp_path / "led.zarr"
-    record(
-        RecordConfig(
-            out=str(store), episodes=2, tasks=["turn_on_led"], num_workers=0, progress=False, seed=0
-        ),
-        tmp_path / "record",
-    )
+    store = record_demos(tmp_path, "turn_on_led", cameras=False)
     cfg = toy_config(store, language=True, steps=4, eval_every=2, val_every=0, save_every=0)
     cfg.policy_model.encoder = ObsEncoderConfig(
         lowdim_keys=["observation.state", "observation.environment_state"],
