@@ -356,6 +356,7 @@ class ObservationEncoder(nn.Module):
         self.out = nn.Linear(config.concat_dim, config.output_dim) if config.output_dim is not None else None
         # Not a submodule: frozen, shared, and its weights stay out of this module's state_dict.
         self.sentence_encoder = sentence_encoder
+        self._relative = config.relative_slices()  # (key position, first index), reference first
         # Angles and relative positions are computed from raw values, read back through the
         # normaliser's affine per low-dim key (identity until set_lowdim_affine; not saved, as
         # normalizer.json is the source). Per key with angles: the dimensions kept as they are.
@@ -457,9 +458,9 @@ class ObservationEncoder(nn.Module):
                 continue
             radians = self._raw(i, x).index_select(-1, getattr(self, f"_angle_{i}"))
             parts += [x.index_select(-1, getattr(self, f"_keep_{i}")), torch.sin(radians), torch.cos(radians)]
-        if cfg.lowdim_relative:
-            (ref_key, ref_index), *points = cfg.relative_slices()
-            raw = {i: self._raw(i, lowdim[i].float()) for i in {k for k, _ in cfg.relative_slices()}}
+        if self._relative:
+            (ref_key, ref_index), *points = self._relative
+            raw = {i: self._raw(i, lowdim[i].float()) for i in {k for k, _ in self._relative}}
             reference = raw[ref_key][..., ref_index : ref_index + 3]
             parts += [(raw[k][..., j : j + 3] - reference) * cfg.relative_scale for k, j in points]
         for i, (cam, x) in enumerate(zip(cfg.cameras, images)):
