@@ -358,11 +358,14 @@ class ObservationEncoder(nn.Module):
         self.sentence_encoder = sentence_encoder
         self._relative = config.relative_slices()  # (key position, first index), reference first
         # Angles and relative positions are computed from raw values, read back through the
-        # normaliser's affine per low-dim key (identity until set_lowdim_affine; not saved, as
-        # normalizer.json is the source). Per key with angles: the dimensions kept as they are.
+        # normaliser's affine of the keys that hold them (identity until set_lowdim_affine; not
+        # saved, as normalizer.json is the source). Per key with angles: the dimensions kept.
+        self._needs_raw = {i for i in range(len(config.lowdim_keys)) if config.angles_of(i)}
+        self._needs_raw |= {i for i, _ in self._relative}
         for i, dim in enumerate(config.lowdim_dims):
-            self.register_buffer(f"_lowdim_scale_{i}", torch.ones(dim), persistent=False)
-            self.register_buffer(f"_lowdim_offset_{i}", torch.zeros(dim), persistent=False)
+            if i in self._needs_raw:
+                self.register_buffer(f"_lowdim_scale_{i}", torch.ones(dim), persistent=False)
+                self.register_buffer(f"_lowdim_offset_{i}", torch.zeros(dim), persistent=False)
             angles = config.angles_of(i)
             if angles:
                 keep = [j for j in range(dim) if j not in angles]
@@ -375,6 +378,8 @@ class ObservationEncoder(nn.Module):
         if key not in self.config.lowdim_keys:
             raise UserError(f"'{key}' is not a low-dim input of this encoder ({self.config.lowdim_keys}).")
         i = self.config.lowdim_keys.index(key)
+        if i not in self._needs_raw:  # the key passes through as it comes
+            return
         dim = self.config.lowdim_dims[i]
         for name, value in (("scale", scale), ("offset", offset)):
             full = torch.as_tensor(value, dtype=torch.float32).flatten()
