@@ -451,6 +451,7 @@ class ObservationEncoder(nn.Module):
         # B and To come from the first low-dim or image input; a language-only encoder has To = 1.
         b, to = (inputs[0].shape[0], inputs[0].shape[1]) if n_low + n_cam else (inputs[0].shape[0], 1)
         parts: list[Tensor] = []
+        raw: dict[int, Tensor] = {}  # the keys that derived inputs read, back in their own units
         for i, (key, dim, x) in enumerate(zip(cfg.lowdim_keys, cfg.lowdim_dims, lowdim)):
             if x.ndim != 3 or x.shape[0] != b or x.shape[1] != to or x.shape[2] != dim:
                 raise UserError(
@@ -458,14 +459,15 @@ class ObservationEncoder(nn.Module):
                     "and that every observation key has the same batch and history length."
                 )
             x = x.float()
+            if i in self._needs_raw:
+                raw[i] = self._raw(i, x)
             if not cfg.angles_of(i):
                 parts.append(x)
                 continue
-            radians = self._raw(i, x).index_select(-1, getattr(self, f"_angle_{i}"))
+            radians = raw[i].index_select(-1, getattr(self, f"_angle_{i}"))
             parts += [x.index_select(-1, getattr(self, f"_keep_{i}")), torch.sin(radians), torch.cos(radians)]
         if self._relative:
             (ref_key, ref_index), *points = self._relative
-            raw = {i: self._raw(i, lowdim[i].float()) for i in {k for k, _ in self._relative}}
             reference = raw[ref_key][..., ref_index : ref_index + 3]
             parts += [(raw[k][..., j : j + 3] - reference) * cfg.relative_scale for k, j in points]
         for i, (cam, x) in enumerate(zip(cfg.cameras, images)):
