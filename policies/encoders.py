@@ -325,6 +325,30 @@ class ObsEncoderConfig:
             + (self.language_dim if self.use_language else 0)
         )
 
+    def feature_names(self) -> list[str]:
+        """One name per column of the concatenated features (``concat_dim`` of them), in order.
+
+        Two encoders whose names agree feed a column the same quantity, which is what lets a
+        warm start carry weights over to an encoder with more inputs (``dreamrt train init_from=``).
+        """
+        names: list[str] = []
+        for i, (key, dim) in enumerate(zip(self.lowdim_keys, self.lowdim_dims)):
+            angles = self.angles_of(i)
+            names += [f"{key}[{j}]" for j in range(dim) if j not in angles]
+            names += [f"sin {key}[{j}]" for j in angles] + [f"cos {key}[{j}]" for j in angles]
+        if self.lowdim_relative:
+            reference, *points = self.lowdim_relative
+            names += [
+                f"({point} - {reference})[{c}] x {self.relative_scale:g}"
+                for point in points
+                for c in range(3)
+            ]
+        for cam in self.cameras:
+            names += [f"{cam.key} feature {c}" for c in range(self.image_feature_dim)]
+        if self.use_language:
+            names += [f"instruction feature {c}" for c in range(self.language_dim)]
+        return names
+
     @property
     def obs_feature_dim(self) -> int:
         """O: the width of one step's features (DPTConfig.obs_dim)."""

@@ -142,8 +142,10 @@ class TrainConfig:
     language_cache: str = ""
     # Warm start: a dpt_policy checkpoint (or run directory) whose network weights and normaliser
     # this run starts from, with a fresh optimizer and schedule (fine-tuning, or continuing a run
-    # whose training state was not kept). The network in policy_model must match it; the
-    # instruction table is rebuilt from this run's store. Unlike `resume`, the step starts at 0.
+    # whose training state was not kept). The network in policy_model must match it, except that
+    # its encoder may add inputs (more low-dim keys, lowdim_relative): their weights start at
+    # zero, so the run starts from exactly the checkpoint's behaviour. The instruction table is
+    # rebuilt from this run's store. Unlike `resume`, the step starts at 0.
     init_from: str | None = None
 
 
@@ -191,8 +193,13 @@ def train(
         from dreamrt.training.checkpoint import load_checkpoint
 
         warm_start = load_checkpoint(cfg.init_from, kind=POLICY_KIND)
-        # The weights were fitted to that normaliser's scaling: keep it.
-        normalizer = Normalizer.from_dict(warm_start.normalizer)
+        # The weights were fitted to that normaliser's scaling: keep it, and take this store's
+        # statistics only for keys the checkpoint never saw (inputs the warm start adds).
+        theirs = warm_start.normalizer
+        fresh = normalizer.to_dict()
+        normalizer = Normalizer.from_dict(
+            {**theirs, "features": {**fresh["features"], **theirs.get("features", {})}}
+        )
 
     table, fingerprint, instructions = None, "", []
     if enc.use_language:
@@ -309,16 +316,52 @@ def run(cfg: TrainConfig, out_dir: Path | None) -> JobResult:
 
 
 def _warm_start(policy: Any, checkpoint: Any) -> None:
-    """Copy a checkpoint's network weights into ``policy``; the instruction table stays this run's."""
+    """Copy a checkpoint's network weights into ``policy``; the instruction table stays this run's.
+
+    The encoder may make more features than the checkpoint's (e.g. ``lowdim_relative`` added):
+    the layer that reads the features keeps the checkpoint's weights column by column and
+    starts the new columns at zero, so the warm-started network computes exactly what the
+    checkpoint did until training teaches it to use the new inputs.
+    """
     from dataclasses import replace
 
-    from dreamrt.training.checkpoint import load_into
+    from dreamrt.policies.diffusion_policy import DiffusionPolicyConfig
+    from dreamrt.training.checkpoint import config_from_dict, load_into
 
     own = policy.state_dict()
     table_keys = [k for k in own if k.endswith("instruction_embeddings")]
     state = {k: v for k, v in checkpoint.model_state.items() if k not in table_keys}
     state.update({k: own[k] for k in table_keys})
+    theirs = config_from_dict(
+        DiffusionPolicyConfig, checkpoint.config, source=f"{checkpoint.path}/config.yaml"
+    ).encoder
+    ours = policy.config.encoder
+    reader = "encoder.out.weight" if ours.output_dim is not None else "model.obs_emb.weight"
+    if theirs.feature_names() != ours.feature_names() and reader in state:
+        state[reader] = _widen_columns(
+            state[reader], theirs.feature_names(), ours.feature_names(), checkpoint
+        )
     load_into(policy, replace(checkpoint, model_state=state))
+
+
+def _widen_columns(weight: Any, theirs: list[str], ours: list[str], checkpoint: Any) -> Any:
+    """``weight`` (out, len(theirs)) -> (out, len(ours)): columns moved by feature name, new ones zero."""
+    import torch
+
+    dropped = [name for name in theirs if name not in ours]
+    if dropped:
+        raise UserError(
+            f"init_from={checkpoint.path}: that network reads {len(dropped)} input feature(s) this run's encoder "
+            f"does not make ({', '.join(dropped[:6])}{', ...' if len(dropped) > 6 else ''}). A warm start "
+            "may add encoder inputs (lowdim_relative, more keys), not remove or change them: keep the "
+            "checkpoint's lowdim_keys, lowdim_angles and relative entries, and add to them."
+        )
+    if weight.shape[1] != len(theirs):
+        return weight  # not a feature reader after all: load_into reports the shape mismatch
+    widened = torch.zeros(weight.shape[0], len(ours), dtype=weight.dtype)
+    position = {name: c for c, name in enumerate(ours)}
+    widened[:, [position[name] for name in theirs]] = weight
+    return widened
 
 
 def _check_inputs(store, pm: PolicyModelConfig) -> None:

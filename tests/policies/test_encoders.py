@@ -79,6 +79,11 @@ def test_angles_enter_as_sine_and_cosine_read_back_through_the_normaliser():
     angles = raw[0, 0, [3, 5]]
     expected = torch.cat([kept, torch.sin(angles), torch.cos(angles)])
     assert torch.allclose(out, expected, atol=1e-5)
+    # Each column's name says what it holds (a warm start moves weights by these names).
+    assert encoder.config.feature_names() == [
+        *(f"observation.state[{j}]" for j in (0, 1, 2, 4)),
+        *(f"{f} observation.state[{j}]" for f in ("sin", "cos") for j in (3, 5)),
+    ]
     # Across the wrap (pi - 0.005 -> -pi + 0.005, a 0.01 rad turn) the features barely move,
     # where the normalised angle itself jumps from about +1 to -1.
     across = raw.clone()
@@ -110,6 +115,10 @@ def test_relative_positions_are_points_minus_the_reference_in_raw_units():
     )[0, 0]
     expected = torch.cat([(env[0, 0, :3] - state[0, 0, 1:]) * 10, (env[0, 0, 3:] - state[0, 0, 1:]) * 10])
     assert torch.allclose(out[10:], expected, atol=1e-5)
+    names = encoder.config.feature_names()
+    assert len(names) == 16 and names[9] == "observation.environment_state[5]"
+    assert names[10] == "(observation.environment_state:0 - observation.state:1)[0] x 10"
+    assert names[15] == "(observation.environment_state:3 - observation.state:1)[2] x 10"
 
 
 @pytest.mark.parametrize(

@@ -234,6 +234,48 @@ def test_init_from_warm_starts_the_weights_with_a_fresh_optimizer(state_store, t
         train(other, tmp_path / "fourth")
 
 
+def test_init_from_may_add_encoder_inputs_and_starts_from_the_checkpoints_behaviour(state_store, tmp_path):
+    def with_keys(keys, **trainer):
+        cfg = toy_config(state_store, **trainer)
+        cfg.policy_model.encoder = ObsEncoderConfig(lowdim_keys=keys, lowdim_dims=[2] * len(keys))
+        return cfg
+
+    train(with_keys(["observation.state"], steps=12, save_every=0), tmp_path / "first")
+    wider = with_keys(["observation.state", "observation.environment_state"], steps=4, lr=1e-9, val_every=0)
+    wider.init_from = str(tmp_path / "first")
+    train(wider, tmp_path / "wider")
+
+    first, second = load_checkpoint(tmp_path / "first"), load_checkpoint(tmp_path / "wider")
+    # The checkpoint's scaling is kept; the added key gets this store's.
+    assert (
+        second.normalizer["features"]["observation.state"]
+        == first.normalizer["features"]["observation.state"]
+    )
+    assert "observation.environment_state" in second.normalizer["features"]
+    reader = second.model_state["model.obs_emb.weight"]
+    assert reader.shape[1] == 4
+    torch.testing.assert_close(reader[:, :2], first.model_state["model.obs_emb.weight"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(reader[:, 2:], torch.zeros_like(reader[:, 2:]), atol=1e-6, rtol=0)
+
+    # Same noise, any goal: the warm-started policy acts as the checkpoint did.
+    old, new = load_diffusion_policy(tmp_path / "first"), load_diffusion_policy(tmp_path / "wider")
+    for goal in ([1.0, 1.0], [-1.0, 0.5]):
+        old.reset(3)
+        new.reset(3)
+        state = np.array([0.2, -0.4], np.float32)
+        expected = old.act({"observation.state": state}).actions
+        got = new.act(
+            {"observation.state": state, "observation.environment_state": np.array(goal, np.float32)}
+        )
+        np.testing.assert_allclose(got.actions, expected, atol=1e-4)
+
+    # Removing an input the checkpoint reads is refused, naming it.
+    narrower = with_keys(["observation.environment_state"], steps=4)
+    narrower.init_from = str(tmp_path / "first")
+    with pytest.raises(UserError, match=r"observation\.state\[0\]"):
+        train(narrower, tmp_path / "narrower")
+
+
 def test_missing_dataset_path_and_wrong_widths_are_user_errors(state_store, tmp_path):
     with pytest.raises(UserError, match="dataset.path"):
         run(TrainConfig(), tmp_path)
