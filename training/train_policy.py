@@ -334,13 +334,11 @@ def _warm_start(policy: Any, checkpoint: Any) -> None:
     state.update({k: own[k] for k in table_keys})
     theirs = config_from_dict(
         DiffusionPolicyConfig, checkpoint.config, source=f"{checkpoint.path}/config.yaml"
-    ).encoder
-    ours = policy.config.encoder
-    reader = "encoder.out.weight" if ours.output_dim is not None else "model.obs_emb.weight"
-    if theirs.feature_names() != ours.feature_names() and reader in state:
-        state[reader] = _widen_columns(
-            state[reader], theirs.feature_names(), ours.feature_names(), checkpoint
-        )
+    ).encoder.feature_names()
+    ours = policy.config.encoder.feature_names()
+    reader = "encoder.out.weight" if policy.config.encoder.output_dim is not None else "model.obs_emb.weight"
+    if theirs != ours and reader in state:
+        state[reader] = _widen_columns(state[reader], theirs, ours, checkpoint)
     load_into(policy, replace(checkpoint, model_state=state))
 
 
