@@ -41,6 +41,13 @@ COMMANDS: tuple[Command, ...] = (
         writes_outputs=False,
     ),
     Command(
+        name="episodes merge",
+        summary="Append several episode stores (e.g. parallel recordings) into one: out=PATH sources=[A,B].",
+        config="episodes_merge",
+        schema="dreamrt.episodes.merge:MergeConfig",
+        job="dreamrt.episodes.merge:run",
+    ),
+    Command(
         name="bench episodes",
         summary="Episode store write and training-window read throughput vs an in-memory copy.",
         config="bench_episodes",

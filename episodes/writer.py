@@ -294,10 +294,101 @@ class EpisodeWriter:
         if self.episode_frames == 0:
             raise UserError("end_episode() called with no frames added. Add frames with add_frame() first.")
         self._flush()
-        self._commit_rows(self._flushed, self._episode_acc, list(self._all_tasks))
+        self._commit_rows(
+            np.array([self.num_frames + self._flushed]), self._episode_acc, list(self._all_tasks)
+        )
         self._remove_partial()
         self._reset_episode()
         return self.num_episodes - 1
+
+    def add_episodes(
+        self, columns: Mapping[str, Any], episode_lengths: Any, tasks: list[str] | tuple[str, ...]
+    ) -> int:
+        """Append whole, already recorded episodes with one write per key and commit them together;
+        return how many the store then holds. For copying and converting stores: ``add_frame``
+        costs a buffered write per frame, this a few writes per call.
+
+        ``columns`` maps every declared key, plus ``task_index`` (int per frame, into ``tasks``, the
+        instruction strings) and optionally ``timestamp`` (seconds, strictly increasing within each
+        episode; default frame_index / fps), to an array of ``sum(episode_lengths)`` rows, the
+        episodes one after another. Values follow ``add_frame``'s casting rules. Everything is
+        checked before anything is written, so a refused call changes nothing.
+        """
+        self._check_open()
+        if self.episode_frames:
+            raise UserError(
+                f"add_episodes() called with an episode in progress ({self.episode_frames} frames); call "
+                f"end_episode() or discard_episode() first."
+            )
+        lengths = np.asarray(episode_lengths)
+        if lengths.ndim != 1 or lengths.dtype.kind not in "iu" or len(lengths) == 0 or (lengths < 1).any():
+            raise UserError(
+                f"episode_lengths must be a non-empty list of positive ints, got {episode_lengths!r}."
+            )
+        lengths = lengths.astype(np.int64)
+        n = int(lengths.sum())
+        if not isinstance(columns, Mapping):
+            raise UserError(f"columns must be a dict of key -> array, got {type(columns).__name__}.")
+        expected = [*self._user_keys, "task_index"]
+        missing = [k for k in expected if k not in columns]
+        extra = [k for k in columns if k not in expected and k != "timestamp"]
+        if missing or extra:
+            raise UserError(
+                f"columns has missing key(s) {missing} and undeclared key(s) {extra}; it needs every declared "
+                f"feature {self._user_keys}, 'task_index' and optionally 'timestamp'."
+            )
+        values: dict[str, np.ndarray] = {}
+        for key in self._user_keys:
+            column = np.asarray(columns[key])
+            if column.shape != (n, *self.features[key].shape):
+                raise UserError(
+                    f"columns['{key}'] has shape {column.shape}; expected {(n, *self.features[key].shape)} "
+                    f"(episode_lengths sum to {n} rows of the declared shape {self.features[key].shape})."
+                )
+            values[key] = _convert(
+                key, Feature(self.features[key].dtype, (n, *self.features[key].shape)), column
+            )
+        if not all(isinstance(t, str) and t for t in tasks):
+            raise UserError(f"tasks must be non-empty instruction strings, got {tasks!r}.")
+        task_index = np.asarray(columns["task_index"])
+        if task_index.shape != (n,) or task_index.dtype.kind not in "iu":
+            raise UserError(
+                f"columns['task_index'] must be {n} ints, got {task_index.dtype}{task_index.shape}."
+            )
+        if n and (task_index.min() < 0 or task_index.max() >= len(tasks)):
+            raise UserError(f"columns['task_index'] indexes past the {len(tasks)} strings in tasks.")
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        frame_index = np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
+        if "timestamp" in columns:
+            timestamp = np.asarray(columns["timestamp"], dtype=np.float64).reshape(-1)
+            if timestamp.shape != (n,) or not np.isfinite(timestamp).all():
+                raise UserError(f"columns['timestamp'] must be {n} finite numbers.")
+            within = np.diff(timestamp)[frame_index[1:] > 0] if n > 1 else np.zeros(0)
+            if (within <= 0).any():
+                raise UserError("columns['timestamp'] must strictly increase within each episode.")
+        else:
+            timestamp = frame_index / self.fps
+
+        all_tasks = list(self._commit["tasks"])
+        to_index = {t: i for i, t in enumerate(all_tasks)}
+        for t in tasks:
+            if t not in to_index:
+                to_index[t] = len(all_tasks)
+                all_tasks.append(t)
+        remap = np.array([to_index[t] for t in tasks], dtype=np.int64)
+        values["task_index"] = remap[task_index]
+        values["frame_index"] = frame_index
+        values["episode_index"] = self.num_episodes + np.repeat(np.arange(len(lengths)), lengths)
+        values["timestamp"] = timestamp
+        rows = {k: values[k].astype(self.features[k].dtype, copy=False) for k in self.features}
+
+        start = self.num_frames
+        for key, arr in self._arrays.items():
+            self._write_rows(key, arr, start, rows[key])
+        block = {key: st.block_stats(key, self.features[key], rows[key]) for key in self.features}
+        self._commit_rows(start + np.cumsum(lengths), block, all_tasks)
+        self._reset_episode()
+        return self.num_episodes
 
     def discard_episode(self) -> None:
         """Drop the episode in progress (its flushed rows are truncated from disk)."""
@@ -404,16 +495,18 @@ class EpisodeWriter:
             arr.resize((end, *arr.shape[1:]))
         arr[start:end] = rows
 
-    def _commit_rows(self, n: int, episode_acc: dict[str, st.Accumulator], tasks: list[str]) -> None:
-        """Commit rows [num_frames, num_frames + n), already on disk, as one episode."""
-        e, end = self.num_episodes, self.num_frames + n
-        if self._ends.shape[0] != e + 1:
-            self._ends.resize((e + 1,))
-        self._ends[e] = end
+    def _commit_rows(
+        self, ends: np.ndarray, episode_acc: dict[str, st.Accumulator], tasks: list[str]
+    ) -> None:
+        """Commit the rows up to ``ends[-1]``, already on disk, as episodes ending at ``ends``."""
+        e, k, end = self.num_episodes, len(ends), int(ends[-1])
+        if self._ends.shape[0] != e + k:
+            self._ends.resize((e + k,))
+        self._ends[e : e + k] = ends
         commit = {
             **self._commit,
             "commit_id": self._commit["commit_id"] + 1,
-            "num_episodes": e + 1,
+            "num_episodes": e + k,
             "num_frames": end,
             "tasks": tasks,
             "stats_accumulators": st.accumulators_to_json(st.merge_all(self._acc, episode_acc)),
@@ -488,7 +581,9 @@ class EpisodeWriter:
             self._ends.resize((e,))
         if partial_rows:
             assert partial_tasks is not None
-            self._commit_rows(partial_rows, self._stats_of_rows(n, n + partial_rows), partial_tasks)
+            self._commit_rows(
+                np.array([n + partial_rows]), self._stats_of_rows(n, n + partial_rows), partial_tasks
+            )
         stats, info = self._derived()
         on_disk_stats = _read_json_or_none(self.path / STATS_FILE)
         if on_disk_stats != stats or self.info != info:
