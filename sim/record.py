@@ -15,8 +15,9 @@ Each *attempt* i is drawn from ``(seed, i)`` alone:
 
 Each task is given to the policy as a training paraphrase (``language.sample_instruction``).
 Only successful subtasks are kept: a single-task attempt that fails is dropped; a chain is cut
-after its last successful subtask (dropped when the first fails). Attempts run in parallel
-(:mod:`dreamrt.sim.rollout`) but are written in attempt order, and the first ``episodes``
+after its last successful subtask (dropped when the first fails). Attempts run in parallel,
+in ``num_workers`` independent processes (:func:`dreamrt.sim.rollout.run_episodes_in_processes`),
+but are written in attempt order, and the first ``episodes``
 successful ones are kept, so the store depends only on ``seed`` (not on ``num_workers``).
 
 Per frame the store holds every observation key of the env (``observation.state``,
@@ -79,7 +80,7 @@ class RecordConfig:
     tasks: list[str] | None = None  # record only these tasks (null: all 34)
     tasks_per_episode: int = 5  # mode=chain
     seed: int = 0
-    num_workers: int = 2  # rollout processes (0: in this process)
+    num_workers: int = 2  # rollout processes, each with its own env and expert (0: in this process)
     max_steps_per_subtask: int = 360
     max_attempts: int | None = None  # give up after this many attempts (null: 4 x episodes + 8)
     overwrite: bool = False  # replace an existing store at `out` instead of appending
@@ -267,12 +268,13 @@ def record(cfg: RecordConfig) -> tuple[dict[str, Any], bool]:
     """Record; returns (summary, interrupted)."""
     from tqdm import tqdm
 
+    from dreamrt.policies.factory import make_policy
     from dreamrt.sim.evaluate import build_policies, resolve_env_config
-    from dreamrt.sim.rollout import run_episodes
+    from dreamrt.sim.rollout import run_episodes, run_episodes_in_processes
     from dreamrt.sim.tasks import task_names
 
     names = task_names()
-    policies = build_policies(cfg.policy, cfg.env, max(1, cfg.num_workers), expert_noise=cfg.noise)
+    policies = build_policies(cfg.policy, cfg.env, 1, expert_noise=cfg.noise)
     env_cfg = resolve_env_config(cfg.env, cfg.env.cameras, policies[0])
     features = store_features(env_cfg)
     obs_keys = [k for k in features if k not in ("action", TASK_ID_KEY)]
@@ -287,22 +289,21 @@ def record(cfg: RecordConfig) -> tuple[dict[str, Any], bool]:
         for i in range(cfg.attempts_limit):
             yield attempt_spec(cfg, i)
 
+    task_ids = {name: i for i, name in enumerate(names)}
+
     def write(outcome) -> None:
-        spec = outcome.spec
-        end = outcome.subtask_ends[outcome.num_success - 1]
-        start = 0
-        for k in range(outcome.num_success):
-            stop = outcome.subtask_ends[k]
-            task_id = names.index(spec.tasks[k])
-            for frame in outcome.frames[start:stop]:
-                assert frame["task"] == spec.instructions[k], (frame["task"], spec.instructions[k])
-                row = {key: frame[key] for key in obs_keys}
-                row["action"] = frame["action"]
-                row[TASK_ID_KEY] = task_id
-                writer.add_frame(row, task=spec.instructions[k])
-            start = stop
-        writer.end_episode()
-        state["frames"] += end
+        # One add_episodes call per episode: a few writes instead of one buffered write per frame,
+        # so the one writing process keeps up with many workers, and Ctrl-C never splits an episode.
+        spec, frames = outcome.spec, outcome.frames
+        subtask = np.searchsorted(
+            outcome.subtask_ends[: outcome.num_success], np.arange(len(frames)), "right"
+        )
+        assert all(f["task"] == spec.instructions[k] for f, k in zip(frames, subtask)), spec
+        columns = {key: np.stack([f[key] for f in frames]) for key in [*obs_keys, "action"]}
+        columns[TASK_ID_KEY] = np.array([task_ids[t] for t in spec.tasks], dtype=np.int64)[subtask]
+        columns["task_index"] = subtask
+        writer.add_episodes(columns, [len(frames)], list(spec.instructions[: outcome.num_success]))
+        state["frames"] += len(frames)
 
     def on_outcome(outcome) -> bool:
         # Cut to the successful part now: only that is ever written, and it may wait in `pending`.
@@ -331,16 +332,26 @@ def record(cfg: RecordConfig) -> tuple[dict[str, Any], bool]:
     interrupted = False
     start_time = time.perf_counter()
     try:
-        run_episodes(
-            specs(),
-            policies,
-            env_cfg,
-            num_workers=cfg.num_workers,
+        run_options = dict(
             max_steps_per_subtask=cfg.max_steps_per_subtask,
             keep_frames=True,
             on_outcome=on_outcome,
             on_step=on_step,
         )
+        if cfg.num_workers == 0:
+            run_episodes(specs(), policies, env_cfg, num_workers=0, **run_options)
+        else:
+            # Independent workers, each with its own expert: a lockstep vector env would run every
+            # expert in this process and stop scaling after a few cores.
+            build = functools.partial(
+                make_policy,
+                cfg.policy,
+                action_dim=7,
+                rate_hz=CONTROL_HZ,
+                scene=env_cfg.scene,
+                expert_noise=cfg.noise,
+            )
+            run_episodes_in_processes(specs(), build, env_cfg, num_workers=cfg.num_workers, **run_options)
     except KeyboardInterrupt:
         interrupted = True
     finally:

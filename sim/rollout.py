@@ -23,6 +23,12 @@ so the workers stay busy without the vector env's autoreset (which would reset w
 chain). Policies execute whole action chunks; ``policy.reset(seed)`` is called at the start
 of every subtask (CALVIN resets the model per subtask). Every seed derives from the episode's
 index, never from which worker ran it, so results do not depend on ``num_workers``.
+
+:func:`run_episodes_in_processes` runs the same episodes in independent worker processes, each
+with its own environment and its own policy built there, pulling specs from a queue. Nothing
+waits on a lockstep, so it scales with the cores for policies that are cheap per step (the
+scripted expert); ``run_episodes`` keeps every policy in the calling process, where a learned
+one can use the threads or the GPU.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import queue
 import signal
+import traceback
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -433,3 +441,101 @@ def run_episodes(
                 warnings.simplefilter("ignore")  # "calling close while waiting for a pending call"
                 envs.close(terminate=True)
     return outcomes
+
+
+def run_episodes_in_processes(
+    specs: Iterable[EpisodeSpec],
+    make_policy: Callable[[], Policy],
+    env_config: EnvConfig,
+    *,
+    num_workers: int,
+    max_steps_per_subtask: int = 360,
+    keep_frames: bool = False,
+    on_outcome: Callable[[EpisodeOutcome], bool | None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> list[EpisodeOutcome]:
+    """``run_episodes`` with each of ``num_workers`` spawned processes running whole episodes on
+    its own env and its own policy (``make_policy()``, called there: it must pickle, e.g. a
+    ``functools.partial`` of a module-level function). Same outcomes for the same specs, in
+    completion order; ``on_step(n)`` reports an episode's n steps when it ends. Returning True
+    from ``on_outcome`` stops the run and abandons the episodes in flight. Workers ignore
+    Ctrl-C; the calling process stops them and re-raises KeyboardInterrupt."""
+    if num_workers < 1:
+        raise UserError(f"num_workers={num_workers}; run_episodes_in_processes needs at least 1.")
+    context = multiprocessing.get_context("spawn")
+    inbox, outbox = context.Queue(), context.Queue()
+    with _single_threaded_children():
+        workers = [
+            context.Process(
+                target=_episode_worker,
+                args=(make_policy, env_config, max_steps_per_subtask, keep_frames, inbox, outbox),
+                daemon=True,
+            )
+            for _ in range(num_workers)
+        ]
+        for w in workers:
+            w.start()
+    spec_iter = iter(specs)
+    in_flight = 0
+    outcomes: list[EpisodeOutcome] = []
+
+    def feed() -> None:
+        # Two specs queued per worker: one running, one ready, so no worker waits on this process.
+        nonlocal in_flight
+        while in_flight < 2 * num_workers and (spec := next(spec_iter, None)) is not None:
+            if spec.film:
+                raise AssertionError("filmed specs need run_episodes(video=True)")
+            inbox.put(spec)
+            in_flight += 1
+
+    finished = False
+    try:
+        feed()
+        while in_flight:
+            try:
+                kind, payload = outbox.get(timeout=1.0)
+            except queue.Empty:
+                dead = [w.exitcode for w in workers if not w.is_alive()]
+                if dead:
+                    raise RuntimeError(f"An episode worker died (exit code {dead[0]}).") from None
+                continue
+            if kind == "error":
+                raise RuntimeError(f"An episode worker failed:\n{payload}")
+            in_flight -= 1
+            outcomes.append(payload)
+            if on_step is not None:
+                on_step(payload.steps)
+            if on_outcome is not None and on_outcome(payload):
+                break
+            feed()
+        else:
+            finished = True
+    finally:
+        if finished:
+            for _ in workers:
+                inbox.put(None)
+            for w in workers:
+                w.join(timeout=10)
+        for w in workers:  # stopped early, failed or interrupted: episodes in flight are abandoned
+            if w.is_alive():
+                w.terminate()
+            w.join()
+        inbox.close()
+        outbox.close()
+    return outcomes
+
+
+def _episode_worker(make_policy, env_config, max_steps_per_subtask, keep_frames, inbox, outbox) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the calling process's to handle
+    try:
+        run_episodes(
+            iter(inbox.get, None),  # blocks for the next spec; None ends the worker
+            [make_policy()],
+            env_config,
+            num_workers=0,
+            max_steps_per_subtask=max_steps_per_subtask,
+            keep_frames=keep_frames,
+            on_outcome=lambda outcome: outbox.put(("outcome", outcome)),
+        )
+    except BaseException:
+        outbox.put(("error", traceback.format_exc()))

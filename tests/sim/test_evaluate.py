@@ -3,7 +3,9 @@ the parallel driver (results independent of the worker count), the job's outputs
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is first imported
@@ -20,7 +22,12 @@ from dreamrt.sim import protocol, scene  # noqa: E402
 from dreamrt.sim.env import EnvConfig  # noqa: E402
 from dreamrt.sim.evaluate import VIDEO_HOLD_FRAMES, EvalConfig, chain_specs, run  # noqa: E402
 from dreamrt.sim.language import eval_instruction  # noqa: E402
-from dreamrt.sim.rollout import ChainEnv, EpisodeSpec, run_episodes  # noqa: E402
+from dreamrt.sim.rollout import (  # noqa: E402
+    ChainEnv,
+    EpisodeSpec,
+    run_episodes,
+    run_episodes_in_processes,
+)
 from dreamrt.sim.state import SymbolicState  # noqa: E402
 from dreamrt.sim.video import mp4_available  # noqa: E402
 
@@ -106,9 +113,13 @@ def test_results_do_not_depend_on_the_number_of_workers():
     specs = chain_specs(protocol.generate_chains(3, seed=5), seed=5, films=0)
     cfg = EnvConfig(cameras=False)
     finals = {}
-    for workers in (0, 2):
-        policies = [RandomPolicy(seed=1) for _ in range(max(1, workers))]
-        outcomes = run_episodes(specs, policies, cfg, num_workers=workers, max_steps_per_subtask=25)
+    for workers in (0, 2, "independent"):
+        if workers == "independent":  # each worker process builds its own policy
+            build = functools.partial(RandomPolicy, seed=1)
+            outcomes = run_episodes_in_processes(specs, build, cfg, num_workers=2, max_steps_per_subtask=25)
+        else:
+            policies = [RandomPolicy(seed=1) for _ in range(max(1, workers))]
+            outcomes = run_episodes(specs, policies, cfg, num_workers=workers, max_steps_per_subtask=25)
         assert sorted(o.spec.index for o in outcomes) == [0, 1, 2]
         finals[workers] = {
             o.spec.index: (o.num_success, o.steps, o.final_env_state.tobytes(), o.final_robot_state.tobytes())
@@ -116,9 +127,31 @@ def test_results_do_not_depend_on_the_number_of_workers():
         }
         if workers == 0:  # one env ran all three chains: one scene reset per chain
             assert sorted(o.env_resets for o in outcomes) == [1, 2, 3]
-    assert finals[0] == finals[2]
+    assert finals[0] == finals[2] == finals["independent"]
     # The arm moved: the comparison above is not between two idle scenes.
     assert len({v[3] for v in finals[0].values()}) == 3
+
+
+def test_independent_workers_stop_when_asked_and_report_a_failing_worker():
+    specs = chain_specs(protocol.generate_chains(8, seed=5), seed=5, films=0)
+    cfg = EnvConfig(cameras=False)
+    seen = []
+    outcomes = run_episodes_in_processes(
+        specs,
+        functools.partial(RandomPolicy, seed=1),
+        cfg,
+        num_workers=2,
+        max_steps_per_subtask=25,
+        on_outcome=lambda o: seen.append(o) or len(seen) == 2,
+    )
+    assert len(outcomes) == len(seen) == 2  # the episodes in flight were abandoned
+    assert not multiprocessing.active_children()
+    # A policy the env cannot take fails inside the worker; the error names the cause.
+    with pytest.raises(RuntimeError, match="3-d actions"):
+        run_episodes_in_processes(
+            specs, functools.partial(RandomPolicy, action_dim=3), cfg, num_workers=2, max_steps_per_subtask=25
+        )
+    assert not multiprocessing.active_children()
 
 
 def test_eval_job_with_the_random_policy(tmp_path):
