@@ -15,9 +15,9 @@ Each *attempt* i is drawn from ``(seed, i)`` alone:
 
 Each task is given to the policy as a training paraphrase (``language.sample_instruction``).
 Only successful subtasks are kept: a single-task attempt that fails is dropped; a chain is cut
-after its last successful subtask (dropped when the first fails). Attempts run in parallel,
-in ``num_workers`` independent processes (:func:`dreamrt.sim.rollout.run_episodes_in_processes`),
-but are written in attempt order, and the first ``episodes``
+after its last successful subtask (dropped when the first fails). Attempts run in
+``num_workers`` independent processes (:func:`dreamrt.sim.rollout.run_episodes_in_processes`)
+but are written in attempt order, one ``add_episodes`` call each, and the first ``episodes``
 successful ones are kept, so the store depends only on ``seed`` (not on ``num_workers``).
 
 Per frame the store holds every observation key of the env (``observation.state``,
