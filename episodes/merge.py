@@ -140,18 +140,16 @@ def _open_out(
     out = Path(cfg.out)
     if not out.exists():
         user = {k: f for k, f in first.features.items() if k in first.user_keys}
-        visual = [first.array(k).chunks[0] for k in first.user_keys if is_visual(k, first.features[k])]
-        lowdim = [first.array(k).chunks[0] for k in first.user_keys if not is_visual(k, first.features[k])]
-        chunk_frames = visual[0] if visual else 16
+        image_chunk, lowdim_chunk = _chunk_frames(first)
         return (
             create_store(
                 out,
                 user,
                 first.fps,
                 robot_type=str(first.info.get("robot_type", "unknown")),
-                chunk_frames=chunk_frames,
-                lowdim_chunk_frames=lowdim[0] if lowdim else 1024,
-                flush_frames=max(64 // chunk_frames, 1) * chunk_frames,
+                chunk_frames=image_chunk,
+                lowdim_chunk_frames=lowdim_chunk,
+                flush_frames=image_chunk,  # add_episodes does not buffer; the writer only checks it
             ),
             0,
         )
@@ -171,9 +169,13 @@ def _open_out(
             f"'{cfg.out}' exists but is not an unfinished merge of these sources (its {done} episodes are not "
             f"their first {done}); choose a new out=, or delete it to merge from scratch."
         )
-    visual = [existing.array(k).chunks[0] for k in existing.user_keys if is_visual(k, existing.features[k])]
-    chunk = visual[0] if visual else 16
-    return open_writer(out, flush_frames=max(64 // chunk, 1) * chunk), done
+    return open_writer(out, flush_frames=_chunk_frames(existing)[0]), done
+
+
+def _chunk_frames(store: EpisodeStore) -> tuple[int, int]:
+    """The store's chunk lengths in frames (images, other keys), create_store's defaults where it has none."""
+    chunks = {is_visual(k, store.features[k]): store.array(k).chunks[0] for k in store.user_keys}
+    return chunks.get(True, 16), chunks.get(False, 1024)
 
 
 def _last_matches(existing: EpisodeStore, sources: list[EpisodeStore]) -> bool:
