@@ -355,7 +355,7 @@ class EpisodeWriter:
             raise UserError(
                 f"columns['task_index'] must be {n} ints, got {task_index.dtype}{task_index.shape}."
             )
-        if n and (task_index.min() < 0 or task_index.max() >= len(tasks)):
+        if task_index.min() < 0 or task_index.max() >= len(tasks):
             raise UserError(f"columns['task_index'] indexes past the {len(tasks)} strings in tasks.")
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         frame_index = np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
@@ -363,8 +363,7 @@ class EpisodeWriter:
             timestamp = np.asarray(columns["timestamp"], dtype=np.float64).reshape(-1)
             if timestamp.shape != (n,) or not np.isfinite(timestamp).all():
                 raise UserError(f"columns['timestamp'] must be {n} finite numbers.")
-            within = np.diff(timestamp)[frame_index[1:] > 0] if n > 1 else np.zeros(0)
-            if (within <= 0).any():
+            if (np.diff(timestamp)[frame_index[1:] > 0] <= 0).any():
                 raise UserError("columns['timestamp'] must strictly increase within each episode.")
         else:
             timestamp = frame_index / self.fps

@@ -99,16 +99,27 @@ class EvalConfig:
             raise UserError(f"video_stride={self.video_stride}; expected a positive int.")
 
 
-def build_policies(policy_cfg: PolicyConfig, env_cfg: EnvConfig, count: int, expert_noise=None) -> list:
-    """``count`` independent instances of the configured policy (one per sub-environment)."""
+def policy_factory(policy_cfg: PolicyConfig, env_cfg: EnvConfig, expert_noise=None):
+    """A picklable no-argument callable that builds one instance of the configured policy for
+    this env (worker processes call it to build their own)."""
+    import functools
+
     from dreamrt.policies.factory import make_policy
 
-    return [
-        make_policy(
-            policy_cfg, action_dim=7, rate_hz=CONTROL_HZ, scene=env_cfg.scene, expert_noise=expert_noise
-        )
-        for _ in range(count)
-    ]
+    return functools.partial(
+        make_policy,
+        policy_cfg,
+        action_dim=7,
+        rate_hz=CONTROL_HZ,
+        scene=env_cfg.scene,
+        expert_noise=expert_noise,
+    )
+
+
+def build_policies(policy_cfg: PolicyConfig, env_cfg: EnvConfig, count: int, expert_noise=None) -> list:
+    """``count`` independent instances of the configured policy (one per sub-environment)."""
+    build = policy_factory(policy_cfg, env_cfg, expert_noise)
+    return [build() for _ in range(count)]
 
 
 def resolve_env_config(env_cfg: EnvConfig, cameras: bool | None, policy) -> EnvConfig:

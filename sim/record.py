@@ -268,14 +268,14 @@ def record(cfg: RecordConfig) -> tuple[dict[str, Any], bool]:
     """Record; returns (summary, interrupted)."""
     from tqdm import tqdm
 
-    from dreamrt.policies.factory import make_policy
-    from dreamrt.sim.evaluate import build_policies, resolve_env_config
+    from dreamrt.sim.evaluate import policy_factory, resolve_env_config
     from dreamrt.sim.rollout import run_episodes, run_episodes_in_processes
     from dreamrt.sim.tasks import task_names
 
     names = task_names()
-    policies = build_policies(cfg.policy, cfg.env, 1, expert_noise=cfg.noise)
-    env_cfg = resolve_env_config(cfg.env, cfg.env.cameras, policies[0])
+    build_policy = policy_factory(cfg.policy, cfg.env, expert_noise=cfg.noise)
+    policy = build_policy()
+    env_cfg = resolve_env_config(cfg.env, cfg.env.cameras, policy)
     features = store_features(env_cfg)
     obs_keys = [k for k in features if k not in ("action", TASK_ID_KEY)]
     writer = open_store_for(cfg, features)
@@ -339,19 +339,13 @@ def record(cfg: RecordConfig) -> tuple[dict[str, Any], bool]:
             on_step=on_step,
         )
         if cfg.num_workers == 0:
-            run_episodes(specs(), policies, env_cfg, num_workers=0, **run_options)
+            run_episodes(specs(), [policy], env_cfg, num_workers=0, **run_options)
         else:
             # Independent workers, each with its own expert: a lockstep vector env would run every
             # expert in this process and stop scaling after a few cores.
-            build = functools.partial(
-                make_policy,
-                cfg.policy,
-                action_dim=7,
-                rate_hz=CONTROL_HZ,
-                scene=env_cfg.scene,
-                expert_noise=cfg.noise,
+            run_episodes_in_processes(
+                specs(), build_policy, env_cfg, num_workers=cfg.num_workers, **run_options
             )
-            run_episodes_in_processes(specs(), build, env_cfg, num_workers=cfg.num_workers, **run_options)
     except KeyboardInterrupt:
         interrupted = True
     finally:
