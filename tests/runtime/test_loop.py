@@ -160,9 +160,10 @@ def _steps_taking(seconds: float, guided: bool) -> int:
 @pytest.mark.parametrize("strategy", ["sync", *ASYNC])
 @pytest.mark.usefixtures("one_torch_thread")
 def test_slow_dpt_on_the_real_clock(strategy):
-    """60 real ticks at 30 Hz with a 6-layer tiny DP-T whose sampling takes more than two ticks."""
+    """60 real ticks at 30 Hz with a 6-layer tiny DP-T whose sampling takes about three ticks."""
     s = None if strategy in ("sync", "temporal_ensemble") else 4
-    num_steps = _steps_taking(4 * DT, guided=strategy == "rtc")
+    target_ms = 3 * DT * 1e3
+    num_steps = _steps_taking(target_ms / 1e3, guided=strategy == "rtc")
     failures = []
     # Up to three runs: without real-time scheduling on a loaded machine one run can lose the CPU.
     for _ in range(3):
@@ -183,6 +184,11 @@ def test_slow_dpt_on_the_real_clock(strategy):
                 assert policy.guided_calls >= 2
             return
         failures.append(report.summary())
+        # The probe can run in a quiet moment and the loop in a busy one (CI measured 1.7x the
+        # probe's time): temporal_ensemble then starves once two inferences outlast its 16-step
+        # chunk. Bring the next run back to the target instead of asserting on a slower premise.
+        if report.inference_ms.p50 > target_ms:
+            num_steps = max(10, round(num_steps * target_ms / report.inference_ms.p50))
     pytest.fail(f"deadline misses or an empty queue in all three runs: {failures}")
 
 
