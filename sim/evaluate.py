@@ -13,8 +13,14 @@ at the first failure. Rollouts run in ``num_workers`` processes (:mod:`dreamrt.s
 Writes into the run directory: ``results.json`` (the summary below), ``per_task.png`` and
 ``videos/chain_<i>.<fmt>`` for the first ``videos`` chains. The summary is
 :func:`dreamrt.sim.protocol.summarize`'s dict (avg_len, sr, per_task, num_chains, chains) plus
-``wall_time_s``, ``env_steps``, ``steps_per_s``, ``interrupted`` and ``artifacts``. Ctrl-C
-stops the rollouts and writes the chains that finished (``interrupted: true``, exit code 130).
+``failures``, ``wall_time_s``, ``env_steps``, ``steps_per_s``, ``interrupted`` and
+``artifacts``. Ctrl-C stops the rollouts and writes the chains that finished
+(``interrupted: true``, exit code 130).
+
+``failures`` (:func:`summarize_failures`) says how subtasks failed: while a subtask runs, the
+other 33 tasks are checked too, so a failure either achieved another task (the policy
+confused the instruction: ``lift_red_block_table`` lifting the blue block) or none (it went
+for the right thing and fumbled it, or did nothing the task list recognises).
 """
 
 from __future__ import annotations
@@ -202,7 +208,8 @@ def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], boo
     policies = build_policies(cfg.policy, cfg.env, max(1, cfg.num_workers))
     env_cfg = resolve_env_config(cfg.env, cfg.cameras, policies[0])
 
-    results: dict[int, protocol.ChainResult] = {}
+    results: dict[int, tuple[tuple[str, ...], int]] = {}
+    instead: dict[int, tuple[str, ...]] = {}  # episode -> other tasks done during its failed subtask
     videos: dict[int, list] = {}
     steps = 0
     bar = tqdm(total=len(specs), unit="episode", desc="eval", disable=not cfg.progress)
@@ -210,6 +217,7 @@ def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], boo
     def on_outcome(outcome) -> None:
         i = outcome.spec.index
         results[i] = (outcome.spec.tasks, outcome.num_success)
+        instead[i] = outcome.other_tasks_of_failure
         if outcome.video is not None:
             videos[i] = outcome.video
         bar.update(1)
@@ -230,6 +238,7 @@ def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], boo
             num_workers=cfg.num_workers,
             max_steps_per_subtask=cfg.max_steps_per_subtask,
             video=films > 0,
+            watch_other_tasks=True,
             on_outcome=on_outcome,
             on_step=on_step,
         )
@@ -248,6 +257,9 @@ def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], boo
             summary = protocol.summarize([protocol.ChainResult(tasks, done) for tasks, done in ordered])
         else:
             summary = summarize_tasks(ordered)
+        summary["failures"] = summarize_failures(
+            [(tasks, done, instead[i]) for i, (tasks, done) in sorted(results.items())]
+        )
     summary.update(
         wall_time_s=wall,
         env_steps=steps,
@@ -273,6 +285,31 @@ def summarize_tasks(results: list[tuple[tuple[str, ...], int]]) -> dict[str, Any
         "min_task": {"task": weakest, "success": per_task[weakest]},
         "num_episodes": len(results),
         "episodes_per_task": {task: len(done) for task, done in attempts.items()},
+    }
+
+
+def summarize_failures(results: list[tuple[tuple[str, ...], int, tuple[str, ...]]]) -> dict[str, Any]:
+    """How subtasks failed, from (tasks, successes, other tasks done during the failed subtask)
+    triples: ``{"failed": n, "did_another_task": k, "by_task": {task: {"failed", "did_another_task",
+    "instead": {other: count}}}, "confusions": [[task, other, count], ...]}`` (most frequent
+    first). An episode whose every subtask succeeded did not fail."""
+    by_task: dict[str, dict[str, Any]] = {}
+    pairs: dict[tuple[str, str], int] = {}
+    for tasks, done, others in results:
+        if done >= len(tasks):
+            continue
+        entry = by_task.setdefault(tasks[done], {"failed": 0, "did_another_task": 0, "instead": {}})
+        entry["failed"] += 1
+        entry["did_another_task"] += bool(others)
+        for other in others:
+            entry["instead"][other] = entry["instead"].get(other, 0) + 1
+            pairs[tasks[done], other] = pairs.get((tasks[done], other), 0) + 1
+    order = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+    return {
+        "failed": sum(e["failed"] for e in by_task.values()),
+        "did_another_task": sum(e["did_another_task"] for e in by_task.values()),
+        "by_task": dict(sorted(by_task.items(), key=lambda kv: -kv[1]["failed"])),
+        "confusions": [[task, other, count] for (task, other), count in order],
     }
 
 
@@ -360,6 +397,14 @@ def format_summary(summary: dict) -> str:
             + f"   avg len: {summary['avg_len']:.3f}",
             f"{summary['env_steps']} env steps in {summary['wall_time_s']:.1f} s ({summary['steps_per_s']:.0f} steps/s)",
         ]
+    failures = summary.get("failures")
+    if failures and failures["failed"]:
+        lines.append(
+            f"failed subtasks: {failures['failed']}, of which {failures['did_another_task']} did another task instead"
+        )
+        top = failures["confusions"][:5]
+        if top:
+            lines.append("  most often: " + "; ".join(f"{t} -> {o} ({n})" for t, o, n in top))
     art = summary.get("artifacts")
     if art:
         lines.append(f"results: {art['results']}")

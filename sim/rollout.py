@@ -12,8 +12,13 @@ episode is one chain of subtasks, as CALVIN's evaluation runs them:
   chain, as does the last success. ``terminated`` is True on the step the chain ends; further
   steps are no-ops that repeat the last observation;
 - ``info`` reports the progress: ``index``, ``subtask``, ``subtask_steps``, ``success``,
-  ``num_success``, ``new_subtask``, ``done``, ``env_resets`` and, for filmed episodes,
-  ``frame`` (the static camera's RGB image).
+  ``num_success``, ``new_subtask``, ``done``, ``env_resets``, ``other_tasks`` and, for filmed
+  episodes, ``frame`` (the static camera's RGB image).
+- With ``watch_other_tasks`` every step also checks the other 33 tasks against the subtask's
+  snapshot; ``other_tasks`` names those that fired during the current subtask, comma-separated
+  in the order they first fired (always empty without it). A failed subtask then says whether
+  the policy did another task instead (confused the instruction) or none (fumbled the right
+  one). It costs about 0.3 ms per step, a fifth of a step's physics, so the recorder leaves it off.
 
 :func:`run_episodes` drives several ChainEnvs in a gymnasium vector environment
 (``AsyncVectorEnv``, one worker process per sub-environment, autoreset disabled) with one
@@ -34,6 +39,7 @@ one can use the threads or the GPU.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import os
 import queue
@@ -52,7 +58,7 @@ from dreamrt.errors import UserError
 from dreamrt.policies.protocol import Policy
 from dreamrt.sim.env import CalvinStyleEnv, EnvConfig
 from dreamrt.sim.state import SceneState, SymbolicState
-from dreamrt.sim.tasks import check_success
+from dreamrt.sim.tasks import check_success, task_names
 
 TASK_KEY = "task"  # the observation key holding the instruction
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -87,13 +93,19 @@ class ChainEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(
-        self, env_config: EnvConfig, max_steps_per_subtask: int = 360, slot: int = 0, video: bool = False
+        self,
+        env_config: EnvConfig,
+        max_steps_per_subtask: int = 360,
+        slot: int = 0,
+        video: bool = False,
+        watch_other_tasks: bool = False,
     ):
         if max_steps_per_subtask < 1:
             raise UserError(
                 f"max_steps_per_subtask={max_steps_per_subtask}; expected a positive int (CALVIN: 360)."
             )
         self.slot = slot  # which entry of reset's options["episodes"] belongs to this env
+        self.watch_other_tasks = watch_other_tasks
         self.max_steps_per_subtask = max_steps_per_subtask
         # The static camera renders for videos even when observations carry no images.
         self.env = CalvinStyleEnv(env_config, render_mode="rgb_array" if video else None)
@@ -108,6 +120,7 @@ class ChainEnv(gym.Env):
         self._subtask_steps = 0
         self._num_success = 0
         self._start_state: SceneState | None = None
+        self._other_tasks: list[str] = []  # other tasks that fired during this subtask, in order
 
     @property
     def spec_running(self) -> EpisodeSpec | None:
@@ -146,6 +159,7 @@ class ChainEnv(gym.Env):
         self._subtask_steps = 0
         self._num_success = 0
         self._start_state = info["scene_state"]
+        self._other_tasks = []
         self._last_obs = obs
         out = self._info(success=False, new_subtask=False, steps=0)
         out["new_subtask"] = True  # the first subtask starts now
@@ -161,6 +175,8 @@ class ChainEnv(gym.Env):
         state = info["scene_state"]
         task = spec.tasks[self._subtask]
         success = check_success(task, self._start_state, state)
+        if self.watch_other_tasks and not success:
+            self._watch(task, state)
         steps = self._subtask_steps
         subtask = self._subtask
         new_subtask = False
@@ -173,6 +189,7 @@ class ChainEnv(gym.Env):
                 self._subtask += 1
                 self._subtask_steps = 0
                 self._start_state = state
+                self._other_tasks = []
                 self.env.set_instruction(spec.instructions[self._subtask])
                 obs[TASK_KEY] = spec.instructions[self._subtask]
                 new_subtask = True
@@ -182,6 +199,15 @@ class ChainEnv(gym.Env):
         out = self._info(success=success, new_subtask=new_subtask, steps=steps)
         out["subtask"] = subtask  # the subtask this step belonged to
         return obs, 0.0, self._done, False, out
+
+    def _watch(self, task: str, state: SceneState) -> None:
+        for other in task_names():
+            if (
+                other != task
+                and other not in self._other_tasks
+                and check_success(other, self._start_state, state)
+            ):
+                self._other_tasks.append(other)
 
     def _info(self, success: bool, new_subtask: bool, steps: int) -> dict[str, Any]:
         spec = self._spec
@@ -194,6 +220,7 @@ class ChainEnv(gym.Env):
             "new_subtask": bool(new_subtask),
             "done": bool(self._done),
             "env_resets": self.num_env_resets,
+            "other_tasks": ",".join(self._other_tasks),
         }
         if spec is not None and spec.film:
             info["frame"] = self.env.render()  # (H, W, 3) uint8, static camera
@@ -203,12 +230,16 @@ class ChainEnv(gym.Env):
         self.env.close()
 
 
-def _make_chain_env(env_config: EnvConfig, max_steps_per_subtask: int, slot: int, video: bool) -> ChainEnv:
+def _make_chain_env(
+    env_config: EnvConfig, max_steps_per_subtask: int, slot: int, video: bool, watch_other_tasks: bool
+) -> ChainEnv:
     # In a worker process, Ctrl-C is the main process's to handle (it shuts the workers down).
     # AsyncVectorEnv also calls this once in the main process for the spaces: leave that one alone.
     if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return ChainEnv(env_config, max_steps_per_subtask, slot=slot, video=video)
+    return ChainEnv(
+        env_config, max_steps_per_subtask, slot=slot, video=video, watch_other_tasks=watch_other_tasks
+    )
 
 
 @dataclass
@@ -222,6 +253,8 @@ class EpisodeOutcome:
     final_env_state: np.ndarray  # (24,) observation.environment_state after the last step
     final_robot_state: np.ndarray  # (15,) observation.state after the last step
     env_resets: int  # scene resets the worker's env had done when the episode ended (cumulative)
+    # With watch_other_tasks, when a subtask failed: the other tasks that fired during it, in order.
+    other_tasks_of_failure: tuple[str, ...] = ()
     frames: list[dict] | None = None  # with keep_frames: per step, the observation before it plus "action"
     video: list[tuple[np.ndarray, str, int]] | None = None  # filmed: (frame, instruction, subtask) per step
 
@@ -235,7 +268,11 @@ class _Slot:
 
 
 def make_vector_env(
-    env_config: EnvConfig, num_workers: int, max_steps_per_subtask: int, video: bool
+    env_config: EnvConfig,
+    num_workers: int,
+    max_steps_per_subtask: int,
+    video: bool,
+    watch_other_tasks: bool = False,
 ) -> gym.vector.VectorEnv:
     """``num_workers`` ChainEnvs in as many processes (0: one ChainEnv in this process)."""
     from functools import partial
@@ -246,10 +283,13 @@ def make_vector_env(
         raise UserError(f"num_workers={num_workers}; expected 0 (run in this process) or a positive int.")
     if num_workers == 0:
         return SyncVectorEnv(
-            [partial(_make_chain_env, env_config, max_steps_per_subtask, -1, video)],
+            [partial(_make_chain_env, env_config, max_steps_per_subtask, -1, video, watch_other_tasks)],
             autoreset_mode=AutoresetMode.DISABLED,
         )
-    fns = [partial(_make_chain_env, env_config, max_steps_per_subtask, i, video) for i in range(num_workers)]
+    fns = [
+        partial(_make_chain_env, env_config, max_steps_per_subtask, i, video, watch_other_tasks)
+        for i in range(num_workers)
+    ]
     # spawn: the workers start clean (no copy of a parent's GL context or torch threads).
     # No shared memory: gymnasium 1.4 reads a Text space (the instruction) out of shared
     # memory once, at construction, so every later observation would show a stale string.
@@ -312,6 +352,7 @@ def run_episodes(
     max_steps_per_subtask: int = 360,
     keep_frames: bool = False,
     video: bool = False,
+    watch_other_tasks: bool = False,
     on_outcome: Callable[[EpisodeOutcome], bool | None] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> list[EpisodeOutcome]:
@@ -325,6 +366,7 @@ def run_episodes(
     ``keep_frames`` each outcome carries every observation and the action taken after it;
     ``video`` must be True for specs with ``film`` set. KeyboardInterrupt propagates after
     the workers are shut down; outcomes already delivered to ``on_outcome`` are the finished ones.
+    ``watch_other_tasks`` fills each failed episode's ``other_tasks_of_failure`` (see ChainEnv).
 
     Workers are spawned processes, so a script calling this with ``num_workers > 0`` needs the
     usual ``if __name__ == "__main__":`` guard (the CLI and pytest have it).
@@ -334,7 +376,15 @@ def run_episodes(
     for p in policies:
         check_policy_fits(p, env_config)
     spec_iter: Iterator[EpisodeSpec] = iter(specs)
-    envs = make_vector_env(env_config, num_workers, max_steps_per_subtask, video)
+    # Fewer episodes than workers: start only as many workers as there are episodes. A worker that
+    # is never reset has no observation to give the vector env, which stacks one from every worker.
+    first = list(itertools.islice(spec_iter, max(1, num_workers)))
+    if not first:
+        return []
+    spec_iter = itertools.chain(first, spec_iter)
+    if num_workers > len(first):
+        num_workers, policies = len(first), policies[: len(first)]
+    envs = make_vector_env(env_config, num_workers, max_steps_per_subtask, video, watch_other_tasks)
     n = envs.num_envs
     slots = [_Slot(policy=p) for p in policies]
     action_dim = ACTION_DIM
@@ -418,6 +468,8 @@ def run_episodes(
                     out.final_env_state = s.obs["observation.environment_state"].copy()
                     out.final_robot_state = s.obs["observation.state"].copy()
                     out.env_resets = int(info["env_resets"][i])
+                    if out.num_success < len(out.spec.tasks) and info["other_tasks"][i]:
+                        out.other_tasks_of_failure = tuple(info["other_tasks"][i].split(","))
                     s.outcome = None
                     finished[i] = True
                     if not stopped:

@@ -7,6 +7,7 @@ import functools
 import json
 import multiprocessing
 import os
+from dataclasses import replace
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is first imported
 
@@ -20,7 +21,14 @@ from dreamrt.policies.factory import PolicyConfig  # noqa: E402
 from dreamrt.policies.random_policy import RandomPolicy  # noqa: E402
 from dreamrt.sim import protocol, scene  # noqa: E402
 from dreamrt.sim.env import EnvConfig  # noqa: E402
-from dreamrt.sim.evaluate import VIDEO_HOLD_FRAMES, EvalConfig, chain_specs, run  # noqa: E402
+from dreamrt.sim.evaluate import (  # noqa: E402
+    VIDEO_HOLD_FRAMES,
+    EvalConfig,
+    chain_specs,
+    format_summary,
+    run,
+    summarize_failures,
+)
 from dreamrt.sim.language import eval_instruction  # noqa: E402
 from dreamrt.sim.rollout import (  # noqa: E402
     ChainEnv,
@@ -102,6 +110,82 @@ def test_chain_env_switches_subtasks_without_reset_and_stops_at_first_failure():
     env.close()
 
 
+def test_chain_env_names_the_other_tasks_a_failed_subtask_did():
+    env = ChainEnv(EnvConfig(cameras=False), max_steps_per_subtask=3, watch_other_tasks=True)
+    env.reset(options={"episode": _spec(["open_drawer"])})
+    _set_joint(env, "slider", scene.SLIDER_RANGE)  # the slider all the way left, not the drawer
+    _, _, _, _, info = env.step(HOLD_OPEN)
+    assert info["other_tasks"] == "move_slider_left" and not info["success"]
+    _set_joint(env, "switch", scene.SWITCH_RANGE)
+    for _ in range(2):
+        _, _, terminated, _, info = env.step(HOLD_OPEN)
+    assert terminated and info["other_tasks"] == "move_slider_left,turn_on_lightbulb"  # in firing order
+    env.reset(options={"episode": _spec(["open_drawer"])})  # a new subtask starts with none
+    _, _, _, _, info = env.step(HOLD_OPEN)
+    assert info["other_tasks"] == ""
+    env.close()
+
+    unwatched = ChainEnv(EnvConfig(cameras=False), max_steps_per_subtask=3)
+    unwatched.reset(options={"episode": _spec(["open_drawer"])})
+    _set_joint(unwatched, "slider", scene.SLIDER_RANGE)
+    _, _, _, _, info = unwatched.step(HOLD_OPEN)
+    assert info["other_tasks"] == ""
+    unwatched.close()
+
+
+def test_a_policy_told_the_wrong_task_fails_with_the_task_it_did():
+    from dreamrt.sim.expert import ScriptedExpert
+
+    # The check wants the drawer open; the expert is told to move the slider left.
+    spec = replace(_spec(["open_drawer"]), instructions=(eval_instruction("move_slider_left"),))
+    cfg = EnvConfig(cameras=False)
+    for watch, expected in ((True, ("move_slider_left",)), (False, ())):
+        [outcome] = run_episodes(
+            [spec],
+            [ScriptedExpert(), ScriptedExpert()],
+            cfg,
+            num_workers=2,
+            max_steps_per_subtask=150,
+            watch_other_tasks=watch,
+        )
+        assert outcome.num_success == 0 and outcome.other_tasks_of_failure == expected
+
+
+def test_summarize_failures_counts_confusions():
+    results = [
+        (("open_drawer", "turn_on_led"), 2, ("move_slider_left",)),  # all done: not a failure
+        (("open_drawer", "turn_on_led"), 1, ("turn_off_lightbulb", "move_slider_left")),
+        (("open_drawer",), 0, ()),
+        (("open_drawer",), 0, ("move_slider_left",)),
+        (("stack_block",), 0, ("move_slider_left",)),
+    ]
+    f = summarize_failures(results)
+    assert f["failed"] == 4 and f["did_another_task"] == 3
+    assert f["by_task"]["open_drawer"] == {
+        "failed": 2,
+        "did_another_task": 1,
+        "instead": {"move_slider_left": 1},
+    }
+    assert f["by_task"]["turn_on_led"]["instead"] == {"turn_off_lightbulb": 1, "move_slider_left": 1}
+    assert list(f["by_task"])[0] == "open_drawer"  # the most failures first
+    assert f["confusions"][0] == ["open_drawer", "move_slider_left", 1]
+    assert len(f["confusions"]) == 4
+    text = format_summary(
+        {
+            "mode": "tasks",
+            "num_episodes": 5,
+            "per_task": {"open_drawer": 0.5},
+            "mean_success": 0.5,
+            "min_task": {"task": "open_drawer", "success": 0.5},
+            "env_steps": 10,
+            "wall_time_s": 1.0,
+            "steps_per_s": 10.0,
+            "failures": f,
+        }
+    )
+    assert "failed subtasks: 4, of which 3 did another task instead" in text
+
+
 def test_chain_env_needs_an_episode():
     env = ChainEnv(EnvConfig(cameras=False))
     with pytest.raises(UserError, match="EpisodeSpec"):
@@ -175,6 +259,8 @@ def test_eval_job_with_the_random_policy(tmp_path):
     failing = [c for c in s["chains"] if c["num_success"] < 5]
     assert s["env_steps"] >= 30 * len(failing) and s["env_steps"] <= 2 * 5 * 30
     assert s["steps_per_s"] > 0
+    assert s["failures"]["failed"] == len(failing)
+    assert sum(e["failed"] for e in s["failures"]["by_task"].values()) == len(failing)
 
     written = json.loads((tmp_path / "results.json").read_text())
     assert {k: written[k] for k in ("avg_len", "sr", "per_task", "chains")} == {
