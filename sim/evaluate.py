@@ -129,7 +129,9 @@ def build_policies(policy_cfg: PolicyConfig, env_cfg: EnvConfig, count: int, exp
 
 
 def resolve_env_config(env_cfg: EnvConfig, cameras: bool | None, policy) -> EnvConfig:
-    """The env config with ``cameras`` decided: forced by the caller, or on iff the policy reads images."""
+    """The env config with ``cameras`` decided: forced by the caller, or on iff the policy reads
+    images; and ``landmarks`` on when the policy reads them."""
+    from dreamrt.sim.env import LANDMARKS_KEY
     from dreamrt.sim.rollout import policy_image_keys
 
     wants_images = bool(policy_image_keys(policy))
@@ -140,7 +142,8 @@ def resolve_env_config(env_cfg: EnvConfig, cameras: bool | None, policy) -> EnvC
             f"The policy reads images {policy_image_keys(policy)} but cameras=false. Leave cameras unset (auto) "
             "or set cameras=true."
         )
-    return replace(env_cfg, cameras=bool(cameras))
+    reads = getattr(getattr(policy, "config", None), "lowdim_keys", None) or []
+    return replace(env_cfg, cameras=bool(cameras), landmarks=env_cfg.landmarks or LANDMARKS_KEY in reads)
 
 
 def chain_specs(chains: list, seed: int, films: int) -> list:

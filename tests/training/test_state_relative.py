@@ -68,3 +68,44 @@ def test_state_relative_trains_and_reads_blocks_relative_to_the_gripper(state_st
         chunks.append(acting.act(frames[0]).actions)
     assert chunks[0].shape == (4, 7)
     np.testing.assert_allclose(chunks[0], chunks[1], atol=1e-4)
+
+
+def test_a_policy_reading_the_furniture_landmarks_trains_and_evaluates(tmp_path):
+    """Landmarks recorded (env.landmarks=true), read relative to the gripper, and switched on by
+    `dreamrt eval` for the policy that reads them without being asked."""
+    from dreamrt.sim.env import LANDMARKS_KEY
+
+    store = record_demos(tmp_path, "turn_on_lightbulb", cameras=False, episodes=1, landmarks=True)
+    run = tmp_path / "run"
+    inputs = [
+        f"policy_model.encoder.lowdim_keys=[observation.state,observation.environment_state,{LANDMARKS_KEY}]",
+        "policy_model.encoder.lowdim_dims=[15,24,12]",
+        f"policy_model.encoder.lowdim_relative=[observation.state:0,{LANDMARKS_KEY}:9]",  # the switch lever
+    ]
+    train = ["train", f"dataset.path={store}", "dataset.val_ratio=0", *inputs, *SHRINK, *QUICK]
+    assert main([*train, "trainer.steps=2", "trainer.save_every=2", "--out", str(run)]) == 0
+
+    policy = load_diffusion_policy(run)
+    env = CalvinStyleEnv(EnvConfig(cameras=False, landmarks=True))
+    try:
+        obs, _ = env.reset(seed=1, options={"instruction": "turn on the light bulb"})
+        frames = [obs, env.step(np.zeros(7, np.float32))[0]]
+    finally:
+        env.close()
+    keys = ("observation.state", "observation.environment_state", LANDMARKS_KEY)
+    window = {k: torch.from_numpy(np.stack([f[k] for f in frames])[None]) for k in keys}
+    window["task"] = [obs["task"]]
+    features = policy.encode_observations(window)[0]
+    lever = window[LANDMARKS_KEY][0, :, 9:12] - window["observation.state"][0, :, :3]
+    torch.testing.assert_close(features[:, 51:54], lever * 10.0, atol=1e-4, rtol=0)  # after 15 + 24 + 12
+
+    out = tmp_path / "eval"
+    evaluate = [
+        "eval",
+        f"policy.path={run}",
+        "mode=tasks",
+        "tasks=[turn_on_lightbulb]",
+        "episodes_per_task=1",
+    ]
+    quick = ["num_workers=0", "videos=0", "max_steps_per_subtask=8", "progress=false", "--out", str(out)]
+    assert main([*evaluate, *quick]) == 0  # env.landmarks was not given: the policy asked for it
