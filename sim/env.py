@@ -68,9 +68,6 @@ INSTRUCTION_MAX_LENGTH = 256
 DRAWER_FINGER_ROOM = 0.035
 DRAWER_STAGGER = (-0.04, 0.045)
 OPTION_KEYS = ("symbolic_state", "instruction", "robot_qpos")
-LANDMARKS_KEY = "observation.landmarks"
-# The grasp points of the four moving furniture parts (scene.LANDMARKS), in observation order.
-LANDMARK_SITES = ("slider_handle", "drawer_handle", "button_top", "switch_lever")
 
 
 @dataclass
@@ -85,10 +82,6 @@ class EnvConfig:
     gripper_width: int = 64
     depth: bool = False  # add observation.depth.{static,gripper}, float32 metres, (H, W, 1)
     segmentation: bool = False  # add observation.segmentation.{static,gripper}, int32 body ids, (H, W, 1)
-    # Add observation.landmarks: world xyz of the four grasp points that move with the furniture
-    # (LANDMARK_SITES). The scene state holds only the joints, so a policy reading it must learn
-    # each handle's position from a joint value and the scene's geometry.
-    landmarks: bool = False
     action_mode: str = "rel_cartesian"  # one of ACTION_MODES
     max_episode_steps: int | None = None  # truncate after this many steps; None = never
     robot_noise: float = 0.02  # rad, half-width of the uniform noise on the start joints
@@ -181,7 +174,6 @@ class CalvinStyleEnv(gym.Env):
         self._block_qadr = {c: m.joint(f"{c}_block").qposadr[0] for c in BLOCK_COLORS}
         self._block_dadr = {c: m.joint(f"{c}_block").dofadr[0] for c in BLOCK_COLORS}
         self._tcp_site = m.site("tcp").id
-        self._landmark_sites = [m.site(name).id for name in LANDMARK_SITES]
         self._kv_over_kp = -m.actuator_biasprm[self._arm_act, 2] / m.actuator_gainprm[self._arm_act, 0]
         # Every geom belongs to exactly one surface; contacts are reported through this table.
         self.geom_surface: tuple[str, ...] = tuple(scene.geom_surface(m.geom(i).name) for i in range(m.ngeom))
@@ -211,8 +203,6 @@ class CalvinStyleEnv(gym.Env):
             "observation.state": spaces.Box(-np.inf, np.inf, (15,), np.float32),
             "observation.environment_state": spaces.Box(-np.inf, np.inf, (24,), np.float32),
         }
-        if cfg.landmarks:
-            obs[LANDMARKS_KEY] = spaces.Box(-np.inf, np.inf, (3 * len(LANDMARK_SITES),), np.float32)
         sizes = {
             "static": (cfg.static_height, cfg.static_width),
             "gripper": (cfg.gripper_height, cfg.gripper_width),
@@ -488,8 +478,6 @@ class CalvinStyleEnv(gym.Env):
             "observation.state": self.robot_obs().astype(np.float32),
             "observation.environment_state": state.scene_obs().astype(np.float32),
         }
-        if self.config.landmarks:
-            obs[LANDMARKS_KEY] = self._data.site_xpos[self._landmark_sites].reshape(-1).astype(np.float32)
         if self.config.cameras:
             images = self._rig.render(self._data)
             for cam in ("static", "gripper"):

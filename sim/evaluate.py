@@ -129,9 +129,7 @@ def build_policies(policy_cfg: PolicyConfig, env_cfg: EnvConfig, count: int, exp
 
 
 def resolve_env_config(env_cfg: EnvConfig, cameras: bool | None, policy) -> EnvConfig:
-    """The env config with ``cameras`` decided: forced by the caller, or on iff the policy reads
-    images; and ``landmarks`` on when the policy reads them."""
-    from dreamrt.sim.env import LANDMARKS_KEY
+    """The env config with ``cameras`` decided: forced by the caller, or on iff the policy reads images."""
     from dreamrt.sim.rollout import policy_image_keys
 
     wants_images = bool(policy_image_keys(policy))
@@ -142,8 +140,7 @@ def resolve_env_config(env_cfg: EnvConfig, cameras: bool | None, policy) -> EnvC
             f"The policy reads images {policy_image_keys(policy)} but cameras=false. Leave cameras unset (auto) "
             "or set cameras=true."
         )
-    reads = getattr(getattr(policy, "config", None), "lowdim_keys", None) or []
-    return replace(env_cfg, cameras=bool(cameras), landmarks=env_cfg.landmarks or LANDMARKS_KEY in reads)
+    return replace(env_cfg, cameras=bool(cameras))
 
 
 def chain_specs(chains: list, seed: int, films: int) -> list:

@@ -215,7 +215,7 @@ def attempt_spec(cfg: RecordConfig, index: int):
 def store_features(env_cfg: EnvConfig) -> dict:
     """The store's features for observations of an env with ``env_cfg``, plus action and task id."""
     from dreamrt.episodes import Feature
-    from dreamrt.sim.env import LANDMARK_SITES, LANDMARKS_KEY, CalvinStyleEnv
+    from dreamrt.sim.env import CalvinStyleEnv
 
     env = CalvinStyleEnv(env_cfg)  # only its observation space is read; no reset, no rendering
     try:
@@ -230,8 +230,6 @@ def store_features(env_cfg: EnvConfig) -> dict:
             names = STATE_NAMES
         elif key == "observation.environment_state":
             names = _environment_state_names()
-        elif key == LANDMARKS_KEY:
-            names = tuple(f"{site}.{axis}" for site in LANDMARK_SITES for axis in "xyz")
         else:
             names = ("height", "width", "channel")
         assert len(names) == (sub.shape[0] if len(sub.shape) == 1 else len(sub.shape)), key

@@ -465,27 +465,6 @@ def test_raising_the_switch_turns_on_the_lightbulb(blind_env):
     )
 
 
-def test_landmarks_follow_the_furniture_joints():
-    from dreamrt.sim.env import LANDMARK_SITES, LANDMARKS_KEY
-    from dreamrt.sim.motion import Landmarks
-
-    env = CalvinStyleEnv(cameras=False, landmarks=True)
-    obs, _ = env.reset(seed=0, options={"symbolic_state": _sym(lightbulb=0, slider="right", drawer="closed")})
-    assert list(obs)[:3] == ["observation.state", "observation.environment_state", LANDMARKS_KEY]
-    assert env.observation_space.contains(obs)
-    points = obs[LANDMARKS_KEY].reshape(len(LANDMARK_SITES), 3)
-    # The same points as forward kinematics of the scene's joints (what the scripted expert aims at).
-    fk = Landmarks(env.config.scene)
-    for site, point in zip(LANDMARK_SITES, points):
-        np.testing.assert_allclose(point, fk.at(site, obs["observation.environment_state"]), atol=1e-5)
-    env.reset(seed=0, options={"symbolic_state": _sym(lightbulb=1, slider="left", drawer="open")})
-    moved = env.step(np.zeros(7, np.float32))[0][LANDMARKS_KEY].reshape(-1, 3) - points
-    slider, drawer, button, lever = moved
-    assert slider[0] > 0.2 and drawer[1] > 0.15 and lever[2] > 0.05 and np.abs(button).max() < 0.01
-    env.close()
-    assert LANDMARKS_KEY not in CalvinStyleEnv(cameras=False).observation_keys()
-
-
 def test_sliding_the_door(blind_env):
     blind_env.reset(seed=0, options={"symbolic_state": _sym(slider="right")})
     handle = blind_env.landmark("slider_handle")

@@ -9,7 +9,7 @@ from dreamrt.sim.record import RecordConfig
 from dreamrt.sim.record import run as record
 
 
-def record_demos(out: Path, task: str, *, cameras: bool, episodes: int = 2, landmarks: bool = False) -> Path:
+def record_demos(out: Path, task: str, *, cameras: bool, episodes: int = 2) -> Path:
     """``episodes`` expert episodes of ``task`` (seed 0, in this process) into ``out/<task>.zarr``."""
     store = out / f"{task}.zarr"
     config = RecordConfig(
@@ -19,7 +19,7 @@ def record_demos(out: Path, task: str, *, cameras: bool, episodes: int = 2, land
         num_workers=0,
         progress=False,
         seed=0,
-        env=EnvConfig(cameras=cameras, landmarks=landmarks),
+        env=EnvConfig(cameras=cameras),
     )
     record(config, out / "record")
     return store
