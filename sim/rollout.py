@@ -54,6 +54,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from dreamrt.episodes.format import PERTURBED_KEY
 from dreamrt.errors import UserError
 from dreamrt.policies.protocol import Policy
 from dreamrt.sim.env import CalvinStyleEnv, EnvConfig
@@ -255,7 +256,9 @@ class EpisodeOutcome:
     env_resets: int  # scene resets the worker's env had done when the episode ended (cumulative)
     # With watch_other_tasks, when a subtask failed: the other tasks that fired during it, in order.
     other_tasks_of_failure: tuple[str, ...] = ()
-    frames: list[dict] | None = None  # with keep_frames: per step, the observation before it plus "action"
+    # With keep_frames: per step, the observation before it plus "action" and "action.perturbed"
+    # (the policy marked the action as a deliberate perturbation: ActionChunk.info["perturbed"]).
+    frames: list[dict] | None = None
     video: list[tuple[np.ndarray, str, int]] | None = None  # filmed: (frame, instruction, subtask) per step
 
 
@@ -439,12 +442,16 @@ def run_episodes(
                     continue
                 if not s.queue:
                     chunk = s.policy.act(s.obs)
-                    s.queue.extend(chunk.actions)  # the whole chunk runs before the policy is asked again
+                    perturbed = np.broadcast_to(chunk.info.get("perturbed", False), len(chunk.actions))
+                    # The whole chunk runs before the policy is asked again.
+                    s.queue.extend(zip(chunk.actions, perturbed.tolist()))
                 else:
                     s.policy.observe(s.obs)  # keeps an observation history at the control rate
-                actions[i] = s.queue.popleft()
+                actions[i], perturbed_now = s.queue.popleft()
                 if keep_frames:
-                    s.outcome.frames.append({**s.obs, "action": actions[i].copy()})
+                    s.outcome.frames.append(
+                        {**s.obs, "action": actions[i].copy(), PERTURBED_KEY: bool(perturbed_now)}
+                    )
             obs, _, terminated, _, info = envs.step(actions)
             active = sum(s.outcome is not None for s in slots)
             if on_step is not None:

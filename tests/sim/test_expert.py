@@ -241,3 +241,49 @@ def test_noisy_expert_still_solves_tasks(env):
         expert.reset(seed)
         ok, _, _ = _run(env, expert, task, obs)
         assert ok, task
+
+
+@pytest.mark.parametrize(
+    "task, state",
+    [("turn_on_lightbulb", _state()), ("lift_red_block_table", _state())],
+)
+def test_a_staged_miss_is_marked_and_recovered_from(env, task, state):
+    """fumble_prob=0.5 (the most allowed): some first grasp closes 3-5 cm above its grasp point;
+    those frames, and only they, carry info["perturbed"]; the grasp after them still succeeds."""
+    expert = ScriptedExpert("D", noise=ExpertNoise(fumble_prob=0.5))
+    for seed in range(8):
+        obs, _ = env.reset(
+            seed=seed, options={"symbolic_state": state, "instruction": eval_instruction(task)}
+        )
+        expert.reset(seed)
+        start = env.scene_state()
+        obs = dict(obs, task=eval_instruction(task))
+        marks, widths = [], []
+        for _ in range(MAX_STEPS):
+            chunk = expert.act(obs)
+            marks.append(chunk.info["perturbed"])
+            obs, _, _, _, info = env.step(chunk.actions[0])
+            widths.append(float(obs["observation.state"][6]))
+            if check_success(task, start, info["scene_state"]):
+                break
+        else:
+            raise AssertionError(f"{task} not solved after a staged miss (seed {seed})")
+        marks = np.array(marks)
+        if not marks.any():
+            continue
+        run = np.flatnonzero(marks)
+        assert np.array_equal(run, np.arange(run[0], run[-1] + 1))  # one contiguous miss
+        assert widths[run[-1]] < 0.01  # it ended with the hand closed on nothing
+        assert not marks[run[-1] + 1 :].any()  # the recovery is the plan again
+        return
+    raise AssertionError("no staged miss in 8 seeds at fumble_prob=0.5")
+
+
+def test_fumbles_off_leave_the_noisy_demonstrations_unchanged(env):
+    """fumble_prob=0 draws nothing from the expert's rng: existing recipes record the same data."""
+    noisy = _actions(env, ScriptedExpert("D", noise=ExpertNoise()), seed=5)
+    assert np.array_equal(
+        noisy, _actions(env, ScriptedExpert("D", noise=ExpertNoise(fumble_prob=0.0)), seed=5)
+    )
+    with pytest.raises(UserError, match="fumble_prob"):
+        ExpertNoise(fumble_prob=0.8)
