@@ -57,10 +57,7 @@ AUTO_FEATURES: dict[str, tuple[str, tuple[int, ...]]] = {
     "task_index": ("int64", ()),
 }
 VISUAL_PREFIXES = ("observation.images.", "observation.depth.")
-_KEY_RE = re.compile(r"^(action|(action|observation|loop)\.[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)$")
-# Per frame: the action was a deliberate perturbation (a demonstrator's staged miss), recorded so
-# the recovery after it can be learnt; training samplers skip windows whose actions include one.
-PERTURBED_KEY = "action.perturbed"
+_KEY_RE = re.compile(r"^(action|(observation|loop)\.[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)$")
 ALLOWED_DTYPES = (
     "bool",
     "uint8",
@@ -117,7 +114,7 @@ def parse_feature(key: str, spec: Feature | Mapping[str, Any]) -> Feature:
         )
     if not _KEY_RE.match(key):
         raise UserError(
-            f"Invalid feature key '{key}'. Expected 'action', 'action.<name>', 'observation.<name>' or 'loop.<name>' "
+            f"Invalid feature key '{key}'. Expected 'action', 'observation.<name>' or 'loop.<name>' "
             f"(e.g. 'observation.state', 'observation.images.<camera>', 'observation.depth.<camera>')."
         )
     if isinstance(spec, Feature):

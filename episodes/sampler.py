@@ -9,11 +9,6 @@ action is predicted by some window.
 Observation keys return only the first ``n_obs_steps`` frames of the window (To, ...) and only
 those are read; action keys return the whole window (horizon, ...).
 
-``skip_rows`` (e.g. a store's ``action.perturbed``) drops every window whose frames include a
-marked row: their actions are not to be imitated, and a window that predicts actions after one
-would learn them conditioned on it. Windows that only observe the aftermath are kept; they
-teach the recovery.
-
 Dimension legend: To observation steps, H horizon, E episodes, M windows.
 """
 
@@ -71,12 +66,10 @@ def create_indices(
     pad_before: int,
     pad_after: int,
     episode_mask: np.ndarray | None = None,
-    skip_rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """(M, 4) int64 rows [buffer_start, buffer_end, sample_start, sample_end]: window rows
     [buffer_start, buffer_end) of the concatenated data land at window positions
-    [sample_start, sample_end); positions before / after repeat the edge frame. Windows that
-    read a row where ``skip_rows`` (one bool per row) is True are left out."""
+    [sample_start, sample_end); positions before / after repeat the edge frame."""
     ends = np.asarray(episode_ends, dtype=np.int64)
     mask = np.ones(len(ends), bool) if episode_mask is None else np.asarray(episode_mask, bool)
     assert len(mask) == len(ends)
@@ -96,14 +89,7 @@ def create_indices(
         sample_start = buffer_start - (offsets + start)
         sample_end = horizon - ((offsets + horizon + start) - buffer_end)
         rows.append(np.stack([buffer_start, buffer_end, sample_start, sample_end], axis=1))
-    indices = np.concatenate(rows) if rows else np.zeros((0, 4), np.int64)
-    if skip_rows is not None:
-        skip = np.asarray(skip_rows, bool).reshape(-1)
-        if len(skip) < (int(ends[-1]) if len(ends) else 0):
-            raise UserError(f"skip_rows has {len(skip)} rows; the episodes end at row {int(ends[-1])}.")
-        marked_before = np.concatenate([[0], np.cumsum(skip, dtype=np.int64)])
-        indices = indices[marked_before[indices[:, 1]] == marked_before[indices[:, 0]]]
-    return indices
+    return np.concatenate(rows) if rows else np.zeros((0, 4), np.int64)
 
 
 def split_episodes(num_episodes: int, val_ratio: float, seed: int = 0) -> np.ndarray:
@@ -123,8 +109,7 @@ class SequenceSampler:
     """Windows over ``arrays`` (key -> array-like sliceable along time: numpy or zarr).
 
     ``episode_ends`` is the (E,) cumulative end row of each episode; ``episode_mask`` picks the
-    episodes to sample (e.g. ``~split_episodes(...)`` for training); ``skip_rows`` marks rows no
-    window may read (see the module docstring).
+    episodes to sample (e.g. ``~split_episodes(...)`` for training).
     """
 
     def __init__(
@@ -133,7 +118,6 @@ class SequenceSampler:
         episode_ends: np.ndarray,
         cfg: SamplerConfig,
         episode_mask: np.ndarray | None = None,
-        skip_rows: np.ndarray | None = None,
     ):
         obs_keys = (
             cfg.obs_keys if cfg.obs_keys is not None else [k for k in arrays if k.startswith("observation.")]
@@ -146,12 +130,7 @@ class SequenceSampler:
         self.obs_keys: list[str] = list(obs_keys)
         self.action_keys: list[str] = list(cfg.action_keys)
         self.indices = create_indices(
-            episode_ends,
-            cfg.horizon,
-            cfg.resolved_pad_before,
-            cfg.resolved_pad_after,
-            episode_mask,
-            skip_rows,
+            episode_ends, cfg.horizon, cfg.resolved_pad_before, cfg.resolved_pad_after, episode_mask
         )
 
     def __len__(self) -> int:

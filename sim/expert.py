@@ -89,10 +89,6 @@ class ExpertNoise:
     speed_min: float = 0.6  # each plan's speed is drawn from [speed_min, speed_max] x full speed
     speed_max: float = 1.0
     action_std: float = 0.05  # std of Gaussian noise on the six motion entries of each action
-    # Chance that a grasp's first attempt closes the hand above its grasp point on purpose, so
-    # the demonstration shows the miss being noticed and the grasp retried. The missed approach
-    # is marked in the store (action.perturbed) and training never imitates it (docs/evaluation.md).
-    fumble_prob: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("start_mm", "waypoint_mm", "action_std"):
@@ -110,10 +106,6 @@ class ExpertNoise:
             )
         if self.action_std > 0.3:
             raise UserError(f"ExpertNoise.action_std={self.action_std} is too large; expected <= 0.3.")
-        if not 0.0 <= self.fumble_prob <= 0.5:
-            raise UserError(
-                f"ExpertNoise.fumble_prob={self.fumble_prob}; expected 0..0.5 (most grasps should be clean)."
-            )
 
 
 # ---------------------------------------------------------------------------- scene queries
@@ -277,22 +269,14 @@ def leave(m: Motion) -> Actions:
         yield from m.move([p[0], p[1], TRAVEL_Z], tol=0.015, max_steps=40)
 
 
-def travel(
-    m: Motion, goal, yaw: float, grip: float, above: float | None = None, miss: np.ndarray | None = None
-) -> Actions:
-    """Leave, cross at travel height (turning the hand on the way), then descend onto ``goal``.
-
-    ``miss`` (a fumble, :meth:`Motion.fumble_offset`) ends the final descent that far off the
-    goal instead, marked as perturbed until the caller has noticed the miss."""
+def travel(m: Motion, goal, yaw: float, grip: float, above: float | None = None) -> Actions:
+    """Leave, cross at travel height (turning the hand on the way), then descend onto ``goal``."""
     goal = np.asarray(goal, float)
     m.grip = grip
     yield from leave(m)
     yield from m.move([goal[0], goal[1], max(TRAVEL_Z, goal[2] + 0.05)], yaw, tol=0.015, noise=1.0)
     if above is not None:
         yield from m.move(goal + [0, 0, above], yaw, tol=0.01, noise=0.5)
-    if miss is not None:
-        m.perturbed = True
-        goal = goal + miss
     # Fast down to just above the goal, then slowly so the arm arrives without lag.
     yield from m.move(goal + [0, 0, FINAL_APPROACH], yaw, tol=0.006, noise=0.25)
     yield from m.move(goal, yaw, tol=0.005, speed=0.4, max_steps=30)
@@ -322,13 +306,11 @@ def pick(
 ) -> Actions:
     """Grasp a block from above at tool position ``at`` (retrying a missed grasp); returns the grasp yaw."""
     yaw = 0.0
-    for attempt in range(GRASP_ATTEMPTS):
+    for _ in range(GRASP_ATTEMPTS):
         b = m.block(color)
         yaw = yaw_of(m, b)
-        miss = m.fumble_offset() if attempt == 0 else None
-        yield from travel(m, at(m, b), yaw, OPEN, above=0.1, miss=miss)
+        yield from travel(m, at(m, b), yaw, OPEN, above=0.1)
         yield from m.wait(CLOSE_STEPS, CLOSE)
-        m.perturbed = False  # the width below shows the miss; what follows is the recovery
         if m.width > MIN_GRASP_WIDTH:
             return yaw
         yield from m.wait(OPEN_STEPS, OPEN)
@@ -537,16 +519,10 @@ def close_drawer(m: Motion) -> Actions:
 
 def flip_switch(m: Motion, sign: int) -> Actions:
     yield from empty_hand(m)
+    lever = m.landmark("switch_lever")
     yaw = m.nearest_yaw(HAND_ACROSS_X)
-    for attempt in range(GRASP_ATTEMPTS):
-        lever = m.landmark("switch_lever")
-        yield from travel(m, lever, yaw, OPEN, miss=m.fumble_offset() if attempt == 0 else None)
-        yield from m.wait(CLOSE_STEPS, CLOSE)
-        m.perturbed = False
-        if m.width > MIN_GRASP_WIDTH:
-            break
-        yield from m.wait(OPEN_STEPS, OPEN)
-        yield from m.move(m.tcp + [0, 0, 0.08], max_steps=20)
+    yield from travel(m, lever, yaw, OPEN)
+    yield from m.wait(CLOSE_STEPS, CLOSE)
     yield from m.move(lever + [0, 0, sign * SWITCH_STROKE], yaw, CLOSE, speed=0.6, max_steps=40)
     yield from release_hand(m)
 
@@ -693,20 +669,15 @@ class ScriptedExpert:
             self._instruction = instruction
             self._plan = self._make_plan(self._task)
         action = next(self._plan)
-        # "perturbed": this action is a deliberate miss (ExpertNoise.fumble_prob), not the plan.
-        return ActionChunk(
-            np.asarray(action, np.float32)[None], info={"task": self._task, "perturbed": m.perturbed}
-        )
+        return ActionChunk(np.asarray(action, np.float32)[None], info={"task": self._task})
 
     def _make_plan(self, task: str) -> Actions:
         m, noise = self._motion, self.noise
         fresh, self._fresh = self._fresh, False
-        m.perturbed = False  # a plan cut short mid-fumble (new instruction) leaves no mark behind
         if noise is not None:
             m.speed = float(self._rng.uniform(noise.speed_min, noise.speed_max))
             m.waypoint_noise = noise.waypoint_mm / 1000.0
             m.action_noise = noise.action_std
-            m.fumble_prob = noise.fumble_prob
 
         def plan() -> Actions:
             if fresh or m.target_pos is None:

@@ -137,8 +137,6 @@ class Motion:
         self.speed = 1.0
         self.waypoint_noise = 0.0  # metres (std) on free-space waypoints
         self.action_noise = 0.0  # std added to the motion part of each action
-        self.fumble_prob = 0.0  # chance that fumble_offset() returns a miss
-        self.perturbed = False  # the actions now are a deliberate miss (see fumble_offset)
         self.target_pos: np.ndarray | None = None
         self.target_rot: np.ndarray | None = None
         self.grip = OPEN
@@ -230,15 +228,6 @@ class Motion:
         if self.waypoint_noise <= 0:
             return np.zeros(3)
         return self.rng.normal(0.0, self.waypoint_noise * scale, 3)
-
-    def fumble_offset(self) -> np.ndarray | None:
-        """With probability ``fumble_prob``, where to close the hand instead of a grasp point:
-        3-5 cm above it (the lever or block stays out of the fingers; the learned policies' most
-        common miss), up to 1 cm aside. None otherwise; the rng is not touched at probability 0,
-        so recordings without fumbles stay as they were."""
-        if self.fumble_prob <= 0 or self.rng.random() >= self.fumble_prob:
-            return None
-        return np.array([*self.rng.uniform(-0.01, 0.01, 2), self.rng.uniform(0.03, 0.05)])
 
     # ------------------------------------------------------------------ primitives
     def move(

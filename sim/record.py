@@ -1,8 +1,7 @@
 """`dreamrt record`: record demonstrations in the CALVIN-style scene into an episode store.
 
     dreamrt record out=demos.zarr episodes=200 [mode=single|chain] [tasks=[open_drawer,...]]
-                   [policy=expert] [noise.action_std=0.05 | noise=null] [noise.fumble_prob=0.0]
-                   [seed=0] [num_workers=2]
+                   [policy=expert] [noise.action_std=0.05 | noise=null] [seed=0] [num_workers=2]
 
 Each *attempt* i is drawn from ``(seed, i)`` alone:
 
@@ -26,9 +25,7 @@ Per frame the store holds every observation key of the env (``observation.state`
 segmentation when on), the ``action`` taken after that observation, the instruction as the
 frame's task (the store's task list holds the paraphrases) and ``observation.task_id``: the
 task's index in :func:`dreamrt.sim.tasks.task_names` (int64 scalar), so the task name survives
-paraphrasing; with ``noise.fumble_prob > 0`` also ``action.perturbed`` (bool: the frame is part
-of the expert's staged miss, which training skips). An existing store is appended to when its
-features match.
+paraphrasing. An existing store is appended to when its features match.
 """
 
 from __future__ import annotations
@@ -271,8 +268,6 @@ def record(cfg: RecordConfig) -> tuple[dict[str, Any], bool]:
     """Record; returns (summary, interrupted)."""
     from tqdm import tqdm
 
-    from dreamrt.episodes import Feature
-    from dreamrt.episodes.format import PERTURBED_KEY
     from dreamrt.sim.evaluate import policy_factory, resolve_env_config
     from dreamrt.sim.rollout import run_episodes, run_episodes_in_processes
     from dreamrt.sim.tasks import task_names
@@ -282,18 +277,11 @@ def record(cfg: RecordConfig) -> tuple[dict[str, Any], bool]:
     policy = build_policy()
     env_cfg = resolve_env_config(cfg.env, cfg.env.cameras, policy)
     features = store_features(env_cfg)
-    if (
-        cfg.noise is not None
-        and cfg.noise.fumble_prob > 0
-        and cfg.policy.path is None
-        and cfg.policy.name == "expert"
-    ):
-        features[PERTURBED_KEY] = Feature("bool", ())  # which frames are the expert's staged misses
-    obs_keys = [k for k in features if k not in ("action", TASK_ID_KEY, PERTURBED_KEY)]
+    obs_keys = [k for k in features if k not in ("action", TASK_ID_KEY)]
     writer = open_store_for(cfg, features)
 
     pending: dict[int, Any] = {}
-    state = {"next": 0, "kept": 0, "frames": 0, "steps": 0, "perturbed": 0}
+    state = {"next": 0, "kept": 0, "frames": 0, "steps": 0}
     per_task: dict[str, dict[str, int]] = {}
     bar = tqdm(total=cfg.episodes, unit="episode", desc="record", disable=not cfg.progress)
 
@@ -312,9 +300,6 @@ def record(cfg: RecordConfig) -> tuple[dict[str, Any], bool]:
         )
         assert all(f["task"] == spec.instructions[k] for f, k in zip(frames, subtask)), spec
         columns = {key: np.stack([f[key] for f in frames]) for key in [*obs_keys, "action"]}
-        if PERTURBED_KEY in features:
-            columns[PERTURBED_KEY] = np.array([f[PERTURBED_KEY] for f in frames], dtype=bool)
-            state["perturbed"] += int(columns[PERTURBED_KEY].sum())
         columns[TASK_ID_KEY] = np.array([task_ids[t] for t in spec.tasks], dtype=np.int64)[subtask]
         columns["task_index"] = subtask
         writer.add_episodes(columns, [len(frames)], list(spec.instructions[: outcome.num_success]))
@@ -373,7 +358,6 @@ def record(cfg: RecordConfig) -> tuple[dict[str, Any], bool]:
         "mode": cfg.mode,
         "episodes_written": state["kept"],
         "frames_written": state["frames"],
-        "perturbed_frames_written": state["perturbed"],  # staged misses (noise.fumble_prob)
         "attempts": state["next"],
         "per_task": {t: per_task[t] for t in names if t in per_task},
         "store_episodes": total_episodes,

@@ -54,7 +54,6 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from dreamrt.episodes.format import PERTURBED_KEY
 from dreamrt.errors import UserError
 from dreamrt.policies.protocol import Policy
 from dreamrt.sim.env import CalvinStyleEnv, EnvConfig
@@ -256,9 +255,7 @@ class EpisodeOutcome:
     env_resets: int  # scene resets the worker's env had done when the episode ended (cumulative)
     # With watch_other_tasks, when a subtask failed: the other tasks that fired during it, in order.
     other_tasks_of_failure: tuple[str, ...] = ()
-    # With keep_frames: per step, the observation before it plus "action" and "action.perturbed"
-    # (the policy marked the action as a deliberate perturbation: ActionChunk.info["perturbed"]).
-    frames: list[dict] | None = None
+    frames: list[dict] | None = None  # with keep_frames: per step, the observation before it plus "action"
     video: list[tuple[np.ndarray, str, int]] | None = None  # filmed: (frame, instruction, subtask) per step
 
 
@@ -442,16 +439,12 @@ def run_episodes(
                     continue
                 if not s.queue:
                     chunk = s.policy.act(s.obs)
-                    perturbed = np.broadcast_to(chunk.info.get("perturbed", False), len(chunk.actions))
-                    # The whole chunk runs before the policy is asked again.
-                    s.queue.extend(zip(chunk.actions, perturbed.tolist()))
+                    s.queue.extend(chunk.actions)  # the whole chunk runs before the policy is asked again
                 else:
                     s.policy.observe(s.obs)  # keeps an observation history at the control rate
-                actions[i], perturbed_now = s.queue.popleft()
+                actions[i] = s.queue.popleft()
                 if keep_frames:
-                    s.outcome.frames.append(
-                        {**s.obs, "action": actions[i].copy(), PERTURBED_KEY: bool(perturbed_now)}
-                    )
+                    s.outcome.frames.append({**s.obs, "action": actions[i].copy()})
             obs, _, terminated, _, info = envs.step(actions)
             active = sum(s.outcome is not None for s in slots)
             if on_step is not None:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dreamrt.episodes.format import PERTURBED_KEY, VISUAL_PREFIXES
+from dreamrt.episodes.format import VISUAL_PREFIXES
 from dreamrt.episodes.normalize import Normalizer
 from dreamrt.episodes.reader import open_store
 from dreamrt.episodes.sampler import SamplerConfig, SequenceSampler, split_episodes
@@ -89,9 +89,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
         }
         self._handles: dict[str, Any] | None = None
         self._handles_pid = -1
-        # Demonstrations with staged misses mark them; no window imitates one (episodes/sampler.py).
-        skip = store.read(PERTURBED_KEY, 0, self.num_frames) if PERTURBED_KEY in store.features else None
-        self.sampler = SequenceSampler(self._arrays(store), store.episode_ends, cfg.sampler, mask, skip)
+        self.sampler = SequenceSampler(self._arrays(store), store.episode_ends, cfg.sampler, mask)
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -33,25 +33,6 @@ def test_indices_by_hand():
     assert got.tolist() == [[0, 2, 1, 3], [0, 2, 0, 2], [1, 2, 0, 1]]
 
 
-def test_windows_reading_a_skipped_row_are_left_out():
-    # Episodes of 6 and 5 frames, horizon 3, no padding; rows 2 and 7 are marked.
-    ends = np.array([6, 11])
-    skip = np.zeros(11, bool)
-    skip[[2, 7]] = True
-    every = create_indices(ends, horizon=3, pad_before=0, pad_after=0)
-    kept = create_indices(ends, horizon=3, pad_before=0, pad_after=0, skip_rows=skip)
-    # Only windows that read neither row 2 nor row 7 survive, in order: those starting after them.
-    assert kept.tolist() == [w for w in every.tolist() if not (w[0] <= 2 < w[1] or w[0] <= 7 < w[1])]
-    assert [w[0] for w in kept.tolist()] == [3, 8]
-    # With edge padding a window clamped onto a marked last row is left out as well.
-    skip_last = np.zeros(11, bool)
-    skip_last[5] = True
-    padded = create_indices(ends, horizon=3, pad_before=1, pad_after=2, skip_rows=skip_last)
-    assert all(not (w[0] <= 5 < w[1]) for w in padded.tolist())
-    with pytest.raises(UserError, match="skip_rows"):
-        create_indices(ends, horizon=3, pad_before=0, pad_after=0, skip_rows=np.zeros(4, bool))
-
-
 def _reference_windows(data, ends, horizon, pad_before, pad_after):
     """diffusion_policy's algorithm, spelled out naively: every window start from -pad_before to
     len - horizon + pad_after, each position clamped into the episode."""

@@ -148,38 +148,3 @@ def test_record_config_checks():
         RecordConfig(out="x.zarr", tasks=["open_drawr"])
     with pytest.raises(UserError, match="chain"):
         RecordConfig(out="x.zarr", mode="chian")
-
-
-def test_staged_misses_are_stored_and_training_windows_skip_them(tmp_path):
-    import dreamrt.sim.expert  # noqa: F401
-    from dreamrt.episodes import SamplerConfig, create_indices
-    from dreamrt.episodes.format import PERTURBED_KEY
-    from dreamrt.sim.expert import ExpertNoise
-    from dreamrt.training.dataset import EpisodeDataset, EpisodeDatasetConfig
-
-    out = tmp_path / "fumbles.zarr"
-    cfg = _cfg(
-        out,
-        episodes=3,
-        tasks=["turn_on_lightbulb"],
-        env=EnvConfig(cameras=False),
-        noise=ExpertNoise(fumble_prob=0.5),
-    )
-    result = run(cfg)
-    assert result.exit_code == 0 and result.summary["perturbed_frames_written"] > 0
-    assert run_verify(VerifyConfig(str(out))).exit_code == 0
-    store = open_store(out)
-    perturbed = store.read(PERTURBED_KEY, 0, store.num_frames)
-    assert perturbed.dtype == bool and perturbed.sum() == result.summary["perturbed_frames_written"]
-    sampler = SamplerConfig(horizon=16, n_obs_steps=2, n_action_steps=8)
-    data = EpisodeDataset(EpisodeDatasetConfig(path=str(out), sampler=sampler, split="all"))
-    every = create_indices(store.episode_ends, 16, 1, 7)
-    assert 0 < len(data) < len(every)
-    for buffer_start, buffer_end, _, _ in data.sampler.indices:
-        assert not perturbed[buffer_start:buffer_end].any()
-    assert PERTURBED_KEY not in data[0]  # a mark, not an input or a target
-    # Without staged misses the store has no such key.
-    plain = run(
-        _cfg(tmp_path / "plain.zarr", episodes=1, tasks=["turn_on_lightbulb"], env=EnvConfig(cameras=False))
-    )
-    assert plain.exit_code == 0 and PERTURBED_KEY not in open_store(tmp_path / "plain.zarr").keys
