@@ -95,11 +95,18 @@ class PolicyConfig:
 
 
 def make_policy(
-    cfg: PolicyConfig, *, action_dim: int = 7, rate_hz: float = 30.0, scene: str = "D", expert_noise=None
+    cfg: PolicyConfig,
+    *,
+    action_dim: int = 7,
+    rate_hz: float = 30.0,
+    scene: str = "D",
+    expert_noise=None,
+    action_mode: str = "rel_cartesian",
 ) -> Policy:
     """Build the configured policy. ``scene`` is the env's scene variant (the expert needs its
     layout); ``expert_noise`` (a ``dreamrt.sim.expert.ExpertNoise`` or None) varies the expert's
-    demonstrations and is ignored by other policies."""
+    demonstrations and is ignored by other policies; ``action_mode`` is the env's, which the
+    expert speaks (relative or absolute Cartesian targets)."""
     if cfg.path is not None:
         return load_policy(cfg.path, cfg)
     if cfg.name == "random":
@@ -109,7 +116,7 @@ def make_policy(
     # The expert reads privileged scene state, so it lives with the simulator it scripts.
     from dreamrt.sim.expert import ScriptedExpert
 
-    return ScriptedExpert(scene=scene, seed=cfg.seed, noise=expert_noise)
+    return ScriptedExpert(scene=scene, seed=cfg.seed, noise=expert_noise, action_mode=action_mode)
 
 
 def load_policy(

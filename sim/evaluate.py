@@ -119,6 +119,7 @@ def policy_factory(policy_cfg: PolicyConfig, env_cfg: EnvConfig, expert_noise=No
         rate_hz=CONTROL_HZ,
         scene=env_cfg.scene,
         expert_noise=expert_noise,
+        action_mode=env_cfg.action_mode,
     )
 
 

@@ -2,7 +2,8 @@
 
 ``ScriptedExpert`` implements the :class:`~dreamrt.policies.protocol.Policy` protocol exactly as
 a learned policy does: it sees the observation dict (robot_obs, scene_obs, images and the
-instruction) and returns one relative Cartesian action per call. Scene geometry (handle,
+instruction) and returns one Cartesian action per call: relative (CALVIN's), or with
+``action_mode="abs_cartesian"`` the target pose that relative action sets. Scene geometry (handle,
 button, lever and cabinet positions) comes from the scene variant's own MJCF via
 :class:`~dreamrt.sim.motion.Landmarks`, evaluated at the furniture joints in scene_obs.
 
@@ -621,12 +622,20 @@ def task_for_instruction(text: str) -> str:
 class ScriptedExpert:
     """A Policy that solves CALVIN-style tasks with scripted skills (see the module docstring)."""
 
-    spec = PolicySpec(rate_hz=30.0, action_dim=7, horizon=1, n_obs_steps=1, action_mode="rel_cartesian")
+    ACTION_MODES = ("rel_cartesian", "abs_cartesian")
 
-    def __init__(self, scene: str = "D", seed: int = 0, noise: ExpertNoise | None = None):
+    def __init__(
+        self,
+        scene: str = "D",
+        seed: int = 0,
+        noise: ExpertNoise | None = None,
+        action_mode: str = "rel_cartesian",
+    ):
         from dreamrt.sim import scene as scene_module
 
         choose("scene variant", scene, scene_module.SCENES)
+        choose("expert action mode", action_mode, self.ACTION_MODES)
+        self.spec = PolicySpec(rate_hz=30.0, action_dim=7, horizon=1, n_obs_steps=1, action_mode=action_mode)
         if noise is not None and not isinstance(noise, ExpertNoise):
             raise UserError(
                 f"ScriptedExpert noise must be an ExpertNoise or None, got {type(noise).__name__}."
@@ -669,6 +678,8 @@ class ScriptedExpert:
             self._instruction = instruction
             self._plan = self._make_plan(self._task)
         action = next(self._plan)
+        if self.spec.action_mode == "abs_cartesian":
+            action = m.absolute_action(action)
         return ActionChunk(np.asarray(action, np.float32)[None], info={"task": self._task})
 
     def _make_plan(self, task: str) -> Actions:

@@ -148,3 +148,19 @@ def test_record_config_checks():
         RecordConfig(out="x.zarr", tasks=["open_drawr"])
     with pytest.raises(UserError, match="chain"):
         RecordConfig(out="x.zarr", mode="chian")
+
+
+def test_record_in_absolute_action_mode(tmp_path):
+    import dreamrt.sim.expert  # noqa: F401
+
+    out = tmp_path / "abs.zarr"
+    env = EnvConfig(cameras=False, action_mode="abs_cartesian")
+    result = run(_cfg(out, episodes=1, tasks=["turn_on_led"], env=env))
+    assert result.exit_code == 0
+    store = open_store(out)
+    assert store.features["action"].names == ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
+    actions = store.read("action", 0, store.num_frames)
+    tcp = store.read("observation.state", 0, store.num_frames)[:, :3]
+    # Each action is the target the tool is heading for: within the env's 3 cm lead of where it is.
+    assert np.abs(actions[:, :3] - tcp).max() < 0.05
+    assert np.all(np.abs(actions[:, 3] - np.pi) < 0.6)
