@@ -101,7 +101,11 @@ def run(cfg: RunConfig, out_dir: Path | None = None) -> JobResult:
         )
         start_scene = robot.last_info["scene_state"]
         policy = make_policy(
-            cfg.policy, action_dim=robot.action_dim, rate_hz=cfg.loop.rate_hz, scene=cfg.env.scene
+            cfg.policy,
+            action_dim=robot.action_dim,
+            rate_hz=cfg.loop.rate_hz,
+            scene=cfg.env.scene,
+            action_mode=cfg.env.action_mode,
         )
         _check_policy(policy, robot.action_dim, cfg.env.action_mode)
         policy.reset(cfg.seed)

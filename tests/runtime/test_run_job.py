@@ -17,10 +17,11 @@ from dreamrt.sim.env import EnvConfig
 from dreamrt.sim.language import eval_instruction
 
 
-def test_expert_opens_the_drawer_in_virtual_time(tmp_path):
+@pytest.mark.parametrize("action_mode", ["rel_cartesian", "abs_cartesian"])
+def test_expert_opens_the_drawer_in_virtual_time(tmp_path, action_mode):
     cfg = RunConfig(
         policy=PolicyConfig(name="expert"),
-        env=EnvConfig(cameras=False),
+        env=EnvConfig(cameras=False, action_mode=action_mode),  # the expert speaks the env's mode
         loop=LoopConfig(
             mode="virtual", max_ticks=360, virtual_latency_s=0.002, scheduler=SchedulerConfig(strategy="sync")
         ),
