@@ -634,7 +634,11 @@ class ScriptedExpert:
         from dreamrt.sim import scene as scene_module
 
         choose("scene variant", scene, scene_module.SCENES)
-        choose("expert action mode", action_mode, self.ACTION_MODES)
+        if action_mode not in self.ACTION_MODES:
+            raise UserError(
+                f"The scripted expert speaks Cartesian targets, not env.action_mode={action_mode!r}. "
+                "Set env.action_mode=rel_cartesian (CALVIN's relative actions) or env.action_mode=abs_cartesian."
+            )
         self.spec = PolicySpec(rate_hz=30.0, action_dim=7, horizon=1, n_obs_steps=1, action_mode=action_mode)
         if noise is not None and not isinstance(noise, ExpertNoise):
             raise UserError(

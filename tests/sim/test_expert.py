@@ -270,5 +270,5 @@ def test_expert_speaks_absolute_targets():
         roll = np.array(actions)[:, 3]
         assert np.all(np.abs(roll - np.pi) < 0.6) and np.abs(np.diff(roll)).max() < 0.3
     env.close()
-    with pytest.raises(UserError, match="action mode"):
+    with pytest.raises(UserError, match="env.action_mode=rel_cartesian"):
         ScriptedExpert("D", action_mode="joint")
