@@ -683,7 +683,7 @@ class ScriptedExpert:
             self._plan = self._make_plan(self._task)
         action = next(self._plan)
         if self.spec.action_mode == "abs_cartesian":
-            action = m.absolute_action(action)
+            action = m.absolute_action(action[6])
         return ActionChunk(np.asarray(action, np.float32)[None], info={"task": self._task})
 
     def _make_plan(self, task: str) -> Actions:

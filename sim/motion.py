@@ -216,9 +216,9 @@ class Motion:
         self._advance_target(a)
         return a
 
-    def absolute_action(self, relative: np.ndarray) -> np.ndarray:
-        """The ``abs_cartesian`` action reaching the same target as ``relative`` (just returned by
-        :meth:`action`, which advanced the target copy): target x, y, z, roll, pitch, yaw, gripper.
+    def absolute_action(self, grip: float) -> np.ndarray:
+        """The ``abs_cartesian`` action reaching the target copy (which :meth:`action` has just
+        advanced): target x, y, z, roll, pitch, yaw, and ``grip``.
 
         Roll is given in [0, 2 pi): the hand points down, so roll sits near pi, where (-pi, pi]
         would flip between the ends of its range from one step to the next (the env's
@@ -226,10 +226,9 @@ class Motion:
         if self.target_pos is None:  # settling after a reset: hold where the tool is
             pos, euler = self.tcp, self.robot[TCP_EULER].astype(float)
         else:
-            pos, euler = self.target_pos, np.asarray(ik.mat_to_euler(self.target_rot), float)
-        euler = euler.copy()
+            pos, euler = self.target_pos, np.array(ik.mat_to_euler(self.target_rot), float)
         euler[0] %= 2 * math.pi
-        return np.array([*pos, *euler, relative[6]])
+        return np.array([*pos, *euler, grip])
 
     def nearest_yaw(self, yaw: float, period: float = math.pi) -> float:
         """Of the yaws ``yaw + k * period`` (the gripper is symmetric, a cube even more so) within
