@@ -34,6 +34,8 @@ from dreamrt.episodes.reader import open_store
 from dreamrt.episodes.sampler import SamplerConfig, SequenceSampler, split_episodes
 from dreamrt.errors import UserError, choose
 
+TASK_INDEX = "task_index"  # the store's per-frame index into its task list
+
 
 @dataclass
 class EpisodeDatasetConfig:
@@ -60,11 +62,22 @@ class EpisodeDatasetConfig:
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
-    def __init__(self, cfg: EpisodeDatasetConfig, *, cached: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        cfg: EpisodeDatasetConfig,
+        *,
+        cached: dict[str, np.ndarray] | None = None,
+        task_index_map: np.ndarray | None = None,
+    ):
         """``cached``: in-memory arrays of this store already read by another split (every split
         holds all of the store's rows), taken instead of reading them again where they cover
-        this store's current rows."""
+        this store's current rows (they carry ``task_index_map`` already).
+
+        ``task_index_map``: row i holds the index that the store's task i has in another task
+        list (a model's instruction table built from another store), so windows carry indices
+        into that list instead of the store's own."""
         self.cfg = cfg
+        self._task_index_map = task_index_map
         store = open_store(cfg.path)
         self.features = store.features
         self.stats = store.stats
@@ -81,15 +94,24 @@ class EpisodeDataset(torch.utils.data.Dataset):
         if missing:
             raise UserError(f"Keys {missing} are not in '{cfg.path}'. Stored keys: {store.keys}.")
         self._keys = keys
-        wanted = [k for k in keys if _wants_cache(cfg.cache, k)]
+        # A remapped task_index lives in memory: the store's own column holds the old indices.
+        wanted = [
+            k for k in keys if _wants_cache(cfg.cache, k) or (k == TASK_INDEX and task_index_map is not None)
+        ]
         lent = cached or {}
         self._cached = {
-            k: lent[k] if k in lent and len(lent[k]) == self.num_frames else store.read(k, 0, self.num_frames)
+            k: lent[k] if k in lent and len(lent[k]) == self.num_frames else self._read(store, k)
             for k in wanted
         }
         self._handles: dict[str, Any] | None = None
         self._handles_pid = -1
         self.sampler = SequenceSampler(self._arrays(store), store.episode_ends, cfg.sampler, mask)
+
+    def _read(self, store: Any, key: str) -> np.ndarray:
+        values = store.read(key, 0, self.num_frames)
+        if key == TASK_INDEX and self._task_index_map is not None:
+            values = self._task_index_map[np.asarray(values, dtype=np.int64)]
+        return values
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -130,7 +152,9 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def split_dataset(self, split: str) -> EpisodeDataset:
         """The same store and settings with another split (e.g. "val" for validation), sharing this
         split's in-memory arrays rather than reading and holding the store a second time."""
-        return EpisodeDataset(replace(self.cfg, split=split), cached=self._cached)
+        return EpisodeDataset(
+            replace(self.cfg, split=split), cached=self._cached, task_index_map=self._task_index_map
+        )
 
     def normalizer(self, modes: dict[str, str] | None = None) -> Normalizer:
         """Normaliser from the store's statistics (default: min-max for low-dim obs and actions)."""

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -384,7 +385,7 @@ def distill(cfg: DistillConfig, out_dir: str | os.PathLike[str]) -> tuple[TrainR
     check_teacher_identity(cfg.teacher, out_dir, resuming=cfg.resume is not None)
     tc = teacher.config
     store = open_store(cfg.dataset.path)
-    _check_store(store, teacher)
+    task_index_map = _check_store(store, teacher)
 
     obs_keys = [*tc.lowdim_keys, *tc.image_keys, *([TASK_INDEX_KEY] if tc.encoder.use_language else [])]
     windows = WindowConfig(
@@ -403,7 +404,8 @@ def distill(cfg: DistillConfig, out_dir: str | os.PathLike[str]) -> tuple[TrainR
             val_ratio=cfg.dataset.val_ratio if has_val else 0.0,
             seed=cfg.dataset.split_seed,
             cache=cfg.dataset.cache,
-        )
+        ),
+        task_index_map=task_index_map,
     )
     val_data = train_data.split_dataset("val") if has_val else None
 
@@ -479,8 +481,10 @@ def check_teacher_identity(path: str, out_dir: Path, *, resuming: bool) -> None:
     os.replace(tmp, record)
 
 
-def _check_store(store: Any, teacher: DiffusionPolicy) -> None:
-    """The store holds what the teacher reads, with the same widths and (for language) the same task list."""
+def _check_store(store: Any, teacher: DiffusionPolicy) -> np.ndarray | None:
+    """The store holds what the teacher reads, with the same widths and (for language) only
+    instructions the teacher has in its table. Returns the store-to-teacher task index map where
+    the two task lists differ in order (None where the store's list starts the teacher's)."""
     tc = teacher.config
     features = store.features
     wanted = [*tc.lowdim_keys, *tc.image_keys, tc.action_key]
@@ -503,11 +507,17 @@ def _check_store(store: Any, teacher: DiffusionPolicy) -> None:
         from dreamrt.policies.language import normalize_instruction
 
         tasks = [normalize_instruction(t) for t in store.tasks]
-        # A prefix is enough: a store appended to later keeps its task list in order, so the
-        # teacher's store before an append (or its first part) indexes the same instructions.
-        if tasks != list(tc.instructions)[: len(tasks)]:
+        teacher_rows = {text: row for row, text in enumerate(tc.instructions)}
+        unknown = [t for t in tasks if t not in teacher_rows]
+        if unknown:
             raise UserError(
-                f"The store's task list ({len(tasks)} tasks) is not the start of the teacher's instruction table "
-                f"({len(tc.instructions)}): task_index would pick the wrong instructions. Distil on the store the "
-                "teacher was trained on (or one it was appended to)."
+                f"The store holds {len(unknown)} instruction(s) the teacher was not trained on, e.g. "
+                f"{unknown[:3]}: the teacher's {len(tc.instructions)} instructions are fixed in its table. "
+                "Distil on the store the teacher was trained on, or one recorded with the same tasks."
             )
+        # A store appended to later keeps its task list in order, so the teacher's own store
+        # indexes the table as it is; another recording of the same tasks lists them in the
+        # order it met them, and its indices are translated.
+        if tasks != list(tc.instructions)[: len(tasks)]:
+            return np.array([teacher_rows[t] for t in tasks], dtype=np.int64)
+    return None

@@ -318,31 +318,53 @@ def test_store_without_the_teachers_inputs_is_refused(teacher, tmp_path):
         ConsistencyDistillationConfig(loss="l1")
 
 
-def test_store_check_accepts_a_prefix_of_the_teachers_task_list_only(tmp_path):
+def _store_of_tasks(path: Path, tasks: tuple[str, ...]) -> Path:
+    """One 10-frame episode per task, in this order (so task_index follows it)."""
+    features = {STATE: {"dtype": "float32", "shape": [2]}, "action": {"dtype": "float32", "shape": [2]}}
+    with create_store(path, features, fps=30) as writer:
+        for task in tasks:
+            for _ in range(10):
+                writer.add_frame(
+                    {STATE: np.zeros(2, np.float32), "action": np.zeros(2, np.float32)}, task=task
+                )
+            writer.end_episode()
+    return path
+
+
+def test_distilling_on_another_recording_translates_its_task_indices(tmp_path):
     both = make_store(tmp_path / "both.zarr", episodes=4, length=10, language=True)  # "go left", "go right"
     cfg = toy_config(both, language=True, steps=2, val_every=0, save_every=0)
     cfg.dataset.val_ratio = 0.0
-    teacher = load_diffusion_policy(train(cfg, tmp_path / "teacher").checkpoint)
-    _check_store(open_store(both), teacher)
-    # The store before an episode of the second task was appended: its list is a prefix.
-    _check_store(
-        open_store(make_store(tmp_path / "left.zarr", episodes=1, length=10, language=True)), teacher
-    )
-    swapped = tmp_path / "swapped.zarr"
-    with create_store(
-        swapped,
-        {
-            "observation.state": {"dtype": "float32", "shape": [2]},
-            "action": {"dtype": "float32", "shape": [2]},
-        },
-        fps=30,
-    ) as writer:
-        for task in ("go right", "go left"):  # task_index 0 would mean "go right" here
-            for _ in range(10):
-                writer.add_frame(
-                    {"observation.state": np.zeros(2, np.float32), "action": np.zeros(2, np.float32)},
-                    task=task,
-                )
-            writer.end_episode()
-    with pytest.raises(UserError, match="not the start of the teacher's instruction table"):
-        _check_store(open_store(swapped), teacher)
+    teacher_path = train(cfg, tmp_path / "teacher").checkpoint
+    teacher = load_diffusion_policy(teacher_path)
+    rows = {text: row for row, text in enumerate(teacher.config.instructions)}
+    # The teacher's store, and that store before the second task was appended: indices as they are.
+    assert _check_store(open_store(both), teacher) is None
+    left = make_store(tmp_path / "left.zarr", episodes=1, length=10, language=True)
+    assert _check_store(open_store(left), teacher) is None
+
+    # Another recording of the same tasks met them in the other order: task_index 0 is "go right".
+    swapped = _store_of_tasks(tmp_path / "swapped.zarr", ("go right", "go left"))
+    index_map = _check_store(open_store(swapped), teacher)
+    assert index_map.tolist() == [rows["go right"], rows["go left"]]
+    windows = WindowConfig(horizon=8, n_obs_steps=2, n_action_steps=4, obs_keys=[STATE, "task_index"])
+    recorded = ("go right", "go left")  # episode e holds recorded[e]
+    for cache in ("lowdim", "none"):  # "none" reads the state from disk, the translated indices from memory
+        data = EpisodeDataset(
+            EpisodeDatasetConfig(path=str(swapped), sampler=windows, val_ratio=0.5, seed=0, cache=cache),
+            task_index_map=index_map,
+        )
+        for split in (data, data.split_dataset("val")):  # one episode each
+            (episode,) = split.episode_mask.nonzero()[0]
+            by_window = {int(split[i]["task_index"][-1]) for i in range(len(split))}
+            assert by_window == {rows[recorded[episode]]}
+            if cache == "lowdim":
+                gathered = split.device_windows("cpu").batch(torch.arange(len(split)))["task_index"]
+                assert set(gathered.long().flatten().tolist()) == {rows[recorded[episode]]}
+    run(_config(swapped, teacher_path, steps=2, batch_size=8), tmp_path / "student")
+    assert load_diffusion_policy(tmp_path / "student").config.instructions == teacher.config.instructions
+
+    # An instruction the teacher never saw has no row in its table.
+    unknown = _store_of_tasks(tmp_path / "unknown.zarr", ("go left", "go up"))
+    with pytest.raises(UserError, match="1 instruction.*not trained on.*go up"):
+        _check_store(open_store(unknown), teacher)
