@@ -70,6 +70,16 @@ def test_run_writes_checkpoints_metrics_and_curves(state_store, tmp_path):
     assert policy.act(obs).actions.shape == (4, 2)
 
 
+def test_tf32_is_a_cuda_setting_that_a_cpu_run_leaves_alone(state_store, tmp_path):
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        run(toy_config(state_store, steps=2, tf32=True, val_every=0, save_every=0), tmp_path / "cpu")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def test_checkpoint_holds_ema_weights_and_raw_weights_in_training_state(state_store, tmp_path):
     result = train(toy_config(state_store, steps=12, save_every=0), tmp_path)
     ckpt = load_checkpoint(tmp_path)
