@@ -33,8 +33,7 @@ from dreamrt.episodes.normalize import Normalizer
 from dreamrt.episodes.reader import open_store
 from dreamrt.episodes.sampler import SamplerConfig, SequenceSampler, split_episodes
 from dreamrt.errors import UserError, choose
-
-TASK_INDEX = "task_index"  # the store's per-frame index into its task list
+from dreamrt.policies.diffusion_policy import TASK_INDEX_KEY
 
 
 @dataclass
@@ -96,7 +95,9 @@ class EpisodeDataset(torch.utils.data.Dataset):
         self._keys = keys
         # A remapped task_index lives in memory: the store's own column holds the old indices.
         wanted = [
-            k for k in keys if _wants_cache(cfg.cache, k) or (k == TASK_INDEX and task_index_map is not None)
+            k
+            for k in keys
+            if _wants_cache(cfg.cache, k) or (k == TASK_INDEX_KEY and task_index_map is not None)
         ]
         lent = cached or {}
         self._cached = {
@@ -109,7 +110,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
 
     def _read(self, store: Any, key: str) -> np.ndarray:
         values = store.read(key, 0, self.num_frames)
-        if key == TASK_INDEX and self._task_index_map is not None:
+        if key == TASK_INDEX_KEY and self._task_index_map is not None:
             values = self._task_index_map[np.asarray(values, dtype=np.int64)]
         return values
 
