@@ -54,13 +54,6 @@ from torch import Tensor, nn
 
 from dreamrt.episodes.normalize import Normalizer
 from dreamrt.errors import UserError, did_you_mean
-from dreamrt.policies.action_frames import (
-    ACTION_FRAMES,
-    TOOL_POSE_DIM,
-    TOOL_POSE_KEY,
-    to_tool_frame,
-    to_world_frame,
-)
 from dreamrt.policies.dpt import DPT, DPTConfig
 from dreamrt.policies.encoders import TASK_EMBEDDING_KEY, TASK_KEY, ObsEncoderConfig, ObservationEncoder
 from dreamrt.policies.language import EMBED_DIM, SentenceEncoder, normalize_instruction
@@ -91,9 +84,6 @@ class DiffusionPolicyConfig:
     action_key: str = "action"
     rate_hz: float = 30.0
     action_mode: str = "rel_cartesian"
-    # "tool": abs_cartesian targets are predicted relative to the observed tool pose
-    # (dreamrt.policies.action_frames); "world": as the env takes them.
-    action_frame: str = "world"
     instructions: list[str] = field(default_factory=list)  # rows of instruction_embeddings (language only)
     language_fingerprint: str = ""  # sentence-model weights that embedded them
     # Instruction embeddings are L2-normalised (per-dimension RMS 1/sqrt(384), ~20x smaller than
@@ -135,20 +125,6 @@ class DiffusionPolicyConfig:
                 f"Unknown action_mode '{self.action_mode}'.{did_you_mean(self.action_mode, ACTION_MODES)} "
                 f"Valid: {', '.join(ACTION_MODES)}."
             )
-        if self.action_frame not in ACTION_FRAMES:
-            raise UserError(
-                f"Unknown action_frame '{self.action_frame}'.{did_you_mean(self.action_frame, ACTION_FRAMES)} "
-                f"Valid: {', '.join(ACTION_FRAMES)}."
-            )
-        if self.action_frame == "tool":
-            dims = dict(zip(self.encoder.lowdim_keys, self.encoder.lowdim_dims))
-            if self.action_mode != "abs_cartesian" or dims.get(TOOL_POSE_KEY, 0) < TOOL_POSE_DIM:
-                raise UserError(
-                    "action_frame='tool' predicts abs_cartesian targets relative to the tool pose in "
-                    f"'{TOOL_POSE_KEY}' (its first {TOOL_POSE_DIM} numbers): it needs action_mode='abs_cartesian' "
-                    f"(got '{self.action_mode}') and '{TOOL_POSE_KEY}' among the encoder's low-dim inputs "
-                    f"(got {dims})."
-                )
         self.instructions = [normalize_instruction(t) for t in self.instructions]
         if self.instructions and not self.encoder.use_language:
             raise UserError(
@@ -316,32 +292,13 @@ class DiffusionPolicy(nn.Module):
                 f"'{c.action_key}' in the batch has shape {tuple(actions.shape)}; expected (B, {c.horizon}, "
                 f"{c.action_dim}) (batch, horizon, action_dim). Sample windows with horizon={c.horizon}."
             )
-        x0 = self.normalized_actions(batch)  # (B, H, A) in about [-1, 1]
+        x0 = self.norms[_module_key(c.action_key)].normalize(actions)  # (B, H, A) in about [-1, 1]
         features = self.encode_observations(batch)  # (B, To, O)
         b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = self.schedule.sample_timesteps(b, generator=generator, device=x0.device)
         pred = self.model(self.schedule.add_noise(x0, noise, t), t, features)
         return F.mse_loss(pred, self.schedule.training_target(x0, noise))
-
-    def normalized_actions(self, batch: Mapping[str, Any]) -> Tensor:
-        """The batch's world-frame action windows (B, H, A) as the network predicts them: in the
-        policy's action frame, normalised (about [-1, 1])."""
-        actions = self._tensor(batch, self.config.action_key).float()
-        if self.config.action_frame == "tool":
-            actions = to_tool_frame(actions, self._tool_pose(batch))
-        return self.norms[_module_key(self.config.action_key)].normalize(actions)
-
-    def _world_actions(self, x0: Tensor, obs: Mapping[str, Any]) -> Tensor:
-        """The sampler's normalised x0 (B, H, A) -> world-frame actions in the env's units."""
-        actions = self.norms[_module_key(self.config.action_key)].unnormalize(x0)
-        if self.config.action_frame == "tool":
-            actions = to_world_frame(actions, self._tool_pose(obs).to(actions.device))
-        return actions
-
-    def _tool_pose(self, obs: Mapping[str, Any]) -> Tensor:
-        """The observed tool pose at the current step (the last of the To): (B, 6)."""
-        return self._tensor(obs, TOOL_POSE_KEY)[:, self.config.n_obs_steps - 1, :TOOL_POSE_DIM].float()
 
     def encode_observations(self, obs: Mapping[str, Any]) -> Tensor:
         """Raw (unnormalised) observation windows (B, To, ...) -> features (B, To, O).
@@ -456,7 +413,7 @@ class DiffusionPolicy(nn.Module):
                     return self.model(x, torch.tensor(t, device=x.device), features)
 
             x0 = self.sampler.sample(denoise, x_T, generator=generator)
-            return self._world_actions(x0, obs)
+            return self.norms[_module_key(self.config.action_key)].unnormalize(x0)
         finally:
             self.train(was_training)
 
@@ -486,17 +443,14 @@ class DiffusionPolicy(nn.Module):
             x0 = guided_sample(
                 denoise, self.sampler, x_T, prefix, weights, max_guidance=max_guidance, generator=generator
             )
-            return self._world_actions(x0.detach(), obs)
+            return self.norms[_module_key(self.config.action_key)].unnormalize(x0.detach())
         finally:
             self.train(was_training)
 
     def _guidance_in_horizon(
-        self, prefix_actions: np.ndarray, weights: np.ndarray, first: int, obs: Mapping[str, Any]
+        self, prefix_actions: np.ndarray, weights: np.ndarray, first: int
     ) -> tuple[Tensor, Tensor]:
-        """A chunk-indexed prefix (K, A) in action units and weights (K,) -> normalised (H, A) and (H,).
-
-        ``obs`` is the observation window the chunk is sampled for (its tool pose anchors a
-        tool-frame policy's targets)."""
+        """A chunk-indexed prefix (K, A) in action units and weights (K,) -> normalised (H, A) and (H,)."""
         c = self.config
         prefix_actions = np.asarray(prefix_actions, dtype=np.float32)
         weights = np.asarray(weights, dtype=np.float32)
@@ -508,11 +462,11 @@ class DiffusionPolicy(nn.Module):
             )
         if not (np.all(np.isfinite(prefix_actions)) and np.all((weights >= 0) & (weights <= 1))):
             raise UserError("act_guided needs finite prefix_actions and weights in [0, 1].")
+        norm = self.norms[_module_key(c.action_key)]
         prefix = torch.zeros(c.horizon, c.action_dim, device=self.device)
         w = torch.zeros(c.horizon, device=self.device)
         with torch.no_grad():
-            window = {**obs, c.action_key: torch.from_numpy(prefix_actions)[None]}
-            prefix[first : first + k] = self.normalized_actions(window)[0]
+            prefix[first : first + k] = norm.normalize(torch.from_numpy(prefix_actions).to(self.device))
         w[first : first + k] = torch.from_numpy(weights).to(self.device)
         return prefix, w
 
@@ -585,7 +539,7 @@ class DiffusionPolicy(nn.Module):
             self.reset(None)
         first = c.n_obs_steps - 1
         if guidance is not None and np.any(np.asarray(guidance[1]) != 0):
-            prefix, weights = self._guidance_in_horizon(*guidance, first, obs)
+            prefix, weights = self._guidance_in_horizon(*guidance, first)
             actions = self.predict_actions_guided(obs, prefix, weights, generator=self._generator)[0]
         else:
             actions = self.predict_actions(obs, generator=self._generator)[0]  # (H, A)

@@ -287,14 +287,8 @@ def _preprocessing(policy: DiffusionPolicy) -> dict[str, Any]:
             "key": c.action_key,
             **_affine(policy, c.action_key),
             "apply": "the sampler's x0 is normalised: action = (x0 - offset) / scale",
-            "frame": c.action_frame,
         },
     }
-    if c.action_frame == "tool":
-        out["action"]["apply"] += (
-            "; then, with the current step's observation.state s (tcp xyz, roll, pitch, yaw): "
-            "action[:3] += s[:3], action[3:6] = wrap_to_pi(action[3:6] + s[3:6])"
-        )
     if c.encoder.use_language:
         out[TASK_EMBEDDING_KEY] = {
             "dim": int(policy.instruction_embeddings.shape[1]),

@@ -241,7 +241,10 @@ class ConsistencyDistillation(nn.Module):
 
 def normalized_actions(policy: DiffusionPolicy, batch: Mapping[str, Any]) -> Tensor:
     """The batch's action windows (B, H, A) in the policy's normalised space (about [-1, 1])."""
-    return policy.normalized_actions(batch)
+    from dreamrt.policies.diffusion_policy import _module_key
+
+    key = policy.config.action_key
+    return policy.norms[_module_key(key)].normalize(policy._tensor(batch, key).float())
 
 
 # ---------------------------------------------------------------------------- closeness to the teacher

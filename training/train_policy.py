@@ -101,8 +101,6 @@ class PolicyModelConfig:
     )  # saved as the checkpoint's inference sampler
     action_key: str = "action"
     action_mode: str = "rel_cartesian"  # what the actions mean to the env (PolicySpec.action_mode)
-    # "tool": predict abs_cartesian targets relative to the observed tool pose (docs/training.md)
-    action_frame: str = "world"
 
 
 @dataclass
@@ -186,8 +184,6 @@ def train(
     _check_inputs(store, pm)
     action_dim = int(store.features[pm.action_key].shape[0])
     normalizer = Normalizer.from_stats(store.stats, {k: "min_max" for k in [*enc.lowdim_keys, pm.action_key]})
-    if pm.action_frame == "tool":
-        normalizer = _tool_frame_normalizer(store, pm, normalizer)
     warm_start = None
     if cfg.init_from:
         if cfg.resume:
@@ -197,7 +193,6 @@ def train(
         from dreamrt.training.checkpoint import load_checkpoint
 
         warm_start = load_checkpoint(cfg.init_from, kind=POLICY_KIND)
-        _check_same_actions(warm_start, pm)
         # The weights were fitted to that normaliser's scaling: keep it, and take this store's
         # statistics only for keys the checkpoint never saw (inputs the warm start adds).
         theirs = warm_start.normalizer
@@ -237,7 +232,6 @@ def train(
         action_key=pm.action_key,
         rate_hz=float(store.fps),
         action_mode=pm.action_mode,
-        action_frame=pm.action_frame,
         instructions=instructions,
         language_fingerprint=fingerprint,
     )
@@ -319,46 +313,6 @@ def run(cfg: TrainConfig, out_dir: Path | None) -> JobResult:
         **{k: round(v, 6) for k, v in result.metrics.items()},
     }
     return JobResult(summary=summary, exit_code=130 if result.interrupted else 0)
-
-
-def _tool_frame_normalizer(store: Any, pm: PolicyModelConfig, normalizer: Any) -> Any:
-    """``normalizer`` with the action's min-max taken in the tool frame of every window position."""
-    from dreamrt.episodes import SamplerConfig as WindowConfig
-    from dreamrt.episodes.normalize import Normalizer, affine_from_stats
-    from dreamrt.episodes.sampler import create_indices
-    from dreamrt.policies.action_frames import TOOL_POSE_KEY, tool_frame_stats
-
-    if pm.action_mode != "abs_cartesian" or TOOL_POSE_KEY not in pm.encoder.lowdim_keys:
-        raise UserError(
-            "policy_model.action_frame=tool needs policy_model.action_mode=abs_cartesian (a store recorded with "
-            f"env.action_mode=abs_cartesian) and '{TOOL_POSE_KEY}' among policy_model.encoder.lowdim_keys; got "
-            f"action_mode={pm.action_mode!r}, lowdim_keys={list(pm.encoder.lowdim_keys)}."
-        )
-    # Every window the sampler can draw, from every episode (as the store's own statistics).
-    windows = WindowConfig(horizon=pm.horizon, n_obs_steps=pm.n_obs_steps, n_action_steps=pm.n_action_steps)
-    rows = create_indices(
-        store.episode_ends, pm.horizon, windows.resolved_pad_before, windows.resolved_pad_after
-    )
-    stats = tool_frame_stats(
-        store.read(pm.action_key), store.read(TOOL_POSE_KEY), rows, pm.horizon, pm.n_obs_steps - 1
-    )
-    params = {key: normalizer.params(key) for key in normalizer.keys}
-    params[pm.action_key] = affine_from_stats("min_max", stats)
-    return Normalizer(params)
-
-
-def _check_same_actions(checkpoint: Any, pm: PolicyModelConfig) -> None:
-    """A warm start keeps the checkpoint's action scaling, so it must predict the same kind of action."""
-    theirs = (
-        checkpoint.config.get("action_mode", "rel_cartesian"),
-        checkpoint.config.get("action_frame", "world"),
-    )
-    if theirs != (pm.action_mode, pm.action_frame):
-        raise UserError(
-            f"init_from={checkpoint.path} predicts action_mode={theirs[0]}, action_frame={theirs[1]}, but this run "
-            f"is configured with action_mode={pm.action_mode}, action_frame={pm.action_frame}. Set "
-            "policy_model.action_mode / action_frame as the checkpoint's, or train from scratch."
-        )
 
 
 def _warm_start(policy: Any, checkpoint: Any) -> None:

@@ -9,9 +9,7 @@ from dreamrt.sim.record import RecordConfig
 from dreamrt.sim.record import run as record
 
 
-def record_demos(
-    out: Path, task: str, *, cameras: bool, episodes: int = 2, action_mode: str = "rel_cartesian"
-) -> Path:
+def record_demos(out: Path, task: str, *, cameras: bool, episodes: int = 2) -> Path:
     """``episodes`` expert episodes of ``task`` (seed 0, in this process) into ``out/<task>.zarr``."""
     store = out / f"{task}.zarr"
     config = RecordConfig(
@@ -21,7 +19,7 @@ def record_demos(
         num_workers=0,
         progress=False,
         seed=0,
-        env=EnvConfig(cameras=cameras, action_mode=action_mode),
+        env=EnvConfig(cameras=cameras),
     )
     record(config, out / "record")
     return store
