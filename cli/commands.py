@@ -133,6 +133,13 @@ COMMANDS: tuple[Command, ...] = (
         job="dreamrt.runtime.bench_network:run",
     ),
     Command(
+        name="bench training",
+        summary="One DP-T training step per network, batch size and optimizer (fused AdamW vs torch's default), same run: ms/step, steps/s, windows/s.",
+        config="bench_training",
+        schema="dreamrt.training.bench:BenchTrainingConfig",
+        job="dreamrt.training.bench:run",
+    ),
+    Command(
         name="bench loop",
         summary="The real-time loop for many ticks at 30 Hz, idle and with a CPU hog: deadline misses, tick jitter, inference latency.",
         config="bench_loop",

@@ -162,14 +162,7 @@ def train(
     from dreamrt.episodes import SamplerConfig as WindowConfig
     from dreamrt.episodes import open_store
     from dreamrt.episodes.normalize import Normalizer
-    from dreamrt.policies.diffusion_policy import (
-        POLICY_KIND,
-        TASK_INDEX_KEY,
-        DiffusionPolicyConfig,
-        build_diffusion_policy,
-        checkpoint_config,
-    )
-    from dreamrt.policies.dpt import preset
+    from dreamrt.policies.diffusion_policy import POLICY_KIND, TASK_INDEX_KEY, checkpoint_config
     from dreamrt.training.dataset import EpisodeDataset, EpisodeDatasetConfig
     from dreamrt.training.rng import seed_everything
     from dreamrt.training.trainer import CheckpointContent, fit
@@ -210,33 +203,16 @@ def train(
         table = sentences.encode(instructions)  # (N, 384), rows in task_index order
         fingerprint = sentences.fingerprint
 
-    overrides = {
-        k: getattr(pm, k)
-        for k in ("n_layer", "n_head", "n_emb", "p_drop_attn", "p_drop_emb")
-        if getattr(pm, k) is not None
-    }
-    model_cfg = preset(
-        pm.preset,
-        action_dim,
-        enc.obs_feature_dim,
-        horizon=pm.horizon,
-        n_obs_steps=pm.n_obs_steps,
-        **overrides,
-    )
-    policy_cfg = DiffusionPolicyConfig(
-        encoder=enc,
-        model=model_cfg,
-        noise=pm.noise.build(),
-        sampler=pm.sampler.build(),
-        n_action_steps=pm.n_action_steps,
-        action_key=pm.action_key,
+    seed_everything(cfg.trainer.seed)  # the initial weights
+    policy = build_policy(
+        pm,
+        normalizer,
+        action_dim=action_dim,
         rate_hz=float(store.fps),
-        action_mode=pm.action_mode,
         instructions=instructions,
+        instruction_embeddings=table,
         language_fingerprint=fingerprint,
     )
-    seed_everything(cfg.trainer.seed)  # the initial weights
-    policy = build_diffusion_policy(policy_cfg, normalizer, instruction_embeddings=table)
     if warm_start is not None:
         _warm_start(policy, warm_start)
 
@@ -275,6 +251,48 @@ def train(
         evaluate=evaluate,
         resume=cfg.resume,
     )
+
+
+def build_policy(
+    pm: PolicyModelConfig,
+    normalizer: Any,
+    *,
+    action_dim: int,
+    rate_hz: float,
+    instructions: list[str],
+    instruction_embeddings: Any = None,
+    language_fingerprint: str = "",
+) -> Any:
+    """A freshly initialised DiffusionPolicy as ``policy_model`` describes it (weights from torch's RNG)."""
+    from dreamrt.policies.diffusion_policy import DiffusionPolicyConfig, build_diffusion_policy
+    from dreamrt.policies.dpt import preset
+
+    overrides = {
+        k: getattr(pm, k)
+        for k in ("n_layer", "n_head", "n_emb", "p_drop_attn", "p_drop_emb")
+        if getattr(pm, k) is not None
+    }
+    model_cfg = preset(
+        pm.preset,
+        action_dim,
+        pm.encoder.obs_feature_dim,
+        horizon=pm.horizon,
+        n_obs_steps=pm.n_obs_steps,
+        **overrides,
+    )
+    policy_cfg = DiffusionPolicyConfig(
+        encoder=pm.encoder,
+        model=model_cfg,
+        noise=pm.noise.build(),
+        sampler=pm.sampler.build(),
+        n_action_steps=pm.n_action_steps,
+        action_key=pm.action_key,
+        rate_hz=rate_hz,
+        action_mode=pm.action_mode,
+        instructions=instructions,
+        language_fingerprint=language_fingerprint,
+    )
+    return build_diffusion_policy(policy_cfg, normalizer, instruction_embeddings=instruction_embeddings)
 
 
 def rollout_evaluator(cfg: RolloutEvalConfig) -> Callable[[Any], dict[str, float]]:

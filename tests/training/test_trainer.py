@@ -1,5 +1,6 @@
 """The trainer and `dreamrt train`: artefacts, learning, Ctrl-C, exact resume, schedule, data order, EMA."""
 
+import copy
 import csv
 import math
 import signal
@@ -16,7 +17,7 @@ from dreamrt.policies.encoders import ObsEncoderConfig
 from dreamrt.training.checkpoint import latest_checkpoint, load_checkpoint, load_training_state
 from dreamrt.training.ema import EMA, EMAConfig, ema_decay
 from dreamrt.training.train_policy import TrainConfig, run, train
-from dreamrt.training.trainer import EpochBatchSampler, MetricsLog, warmup_cosine
+from dreamrt.training.trainer import EpochBatchSampler, MetricsLog, make_adamw, warmup_cosine
 
 
 @pytest.fixture(autouse=True)
@@ -78,6 +79,27 @@ def test_tf32_is_a_cuda_setting_that_a_cpu_run_leaves_alone(state_store, tmp_pat
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def test_training_steps_with_fused_adamw_that_matches_the_per_tensor_loop(state_store, tmp_path):
+    train(toy_config(state_store, steps=2, val_every=0, save_every=0), tmp_path)
+    assert all(group["fused"] for group in load_training_state(tmp_path).optimizer["param_groups"])
+
+    torch.manual_seed(0)
+    fused_model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    loop_model, start = copy.deepcopy(fused_model), copy.deepcopy(fused_model)
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-3)
+    fused = make_adamw(fused_model.parameters(), torch.device("cpu"), **hyper)
+    loop = torch.optim.AdamW(loop_model.parameters(), foreach=False, **hyper)
+    x, y = torch.randn(32, 5), torch.randn(32, 3)
+    for _ in range(20):
+        for model, optimizer in ((fused_model, fused), (loop_model, loop)):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+    for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (fused_model[0].weight - start[0].weight).abs().max() > 0.05  # 20 steps of lr 1e-2 moved it
 
 
 def test_checkpoint_holds_ema_weights_and_raw_weights_in_training_state(state_store, tmp_path):
