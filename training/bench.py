@@ -1,8 +1,8 @@
 """`dreamrt bench training`: what one DP-T training step costs, per network, batch size and optimizer.
 
     dreamrt bench training [policy_model=state_relative] [networks=[4x128,4x256]] [batch_sizes=[8,256]]
-        [optimizers=[default,fused]] [device=auto] [threads=1] [steps=20] [warmup=5] [rounds=3]
-        [--json PATH]
+        [optimizers=[default,fused]] [compile_modes=[off]] [device=auto] [threads=1] [steps=20]
+        [warmup=5] [rounds=3] [--json PATH]
 
 What it answers: how many optimizer steps a second `dreamrt train` takes for a given network
 and batch on this machine, and what the fused AdamW the trainer uses
@@ -21,8 +21,11 @@ rows, random actions; so the figures leave out reading and gathering windows (wi
 
 Baseline: ``default`` is ``torch.optim.AdamW`` as torch builds it (a loop over the tensors on a
 CPU, its multi-tensor ``foreach`` kernels on CUDA); ``fused`` is the single fused kernel.
-``speedup_vs_default`` divides the default's time per step by the row's, at the same network
-and batch size, measured in the same run.
+``compile_modes`` adds rows with the loss computation under ``torch.compile`` as
+``trainer.compile`` sets it (``reduce-overhead`` captures CUDA graphs on a GPU); each compiled
+row's warm-up includes its compilation. ``speedup_vs_default`` divides the time per step of the
+default optimizer without compilation by the row's, at the same network and batch size,
+measured in the same run.
 
 Timing: ``warmup`` untimed steps per row, then ``rounds`` rounds that visit every row in turn
 (so drift in the machine's speed hits every row alike); each visit times ``steps``
@@ -30,7 +33,7 @@ consecutive steps and waits for the device once at their end, as the trainer nev
 inside a step. ``ms_per_step`` is the median over the rounds. On CUDA the run uses TF32 as the
 trainer does by default.
 
-Row fields: ``network``, ``batch_size``, ``optimizer``, ``params``, ``ms_per_step``,
+Row fields: ``network``, ``batch_size``, ``optimizer``, ``compile``, ``params``, ``ms_per_step``,
 ``steps_per_s``, ``windows_per_s``, ``speedup_vs_default``.
 """
 
@@ -48,6 +51,7 @@ import numpy as np
 from dreamrt.errors import UserError, choose
 from dreamrt.jobs import JobResult
 from dreamrt.training.train_policy import PolicyModelConfig
+from dreamrt.training.trainer import COMPILE_MODES
 
 OPTIMIZERS = ("default", "fused")
 NUM_INSTRUCTIONS = 34  # one per CALVIN-style task: the size of the instruction table does not matter
@@ -59,6 +63,7 @@ class BenchTrainingConfig:
     networks: list[str] = field(default_factory=lambda: ["4x128", "4x256"])  # <layers>x<width>
     batch_sizes: list[int] = field(default_factory=lambda: [8, 256])
     optimizers: list[str] = field(default_factory=lambda: list(OPTIMIZERS))
+    compile_modes: list[str] = field(default_factory=lambda: ["off"])  # trainer.compile values
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 1  # torch intra-op threads (the trainer's trainer.threads)
     action_dim: int = 7
@@ -83,6 +88,8 @@ class BenchTrainingConfig:
                 raise UserError(f"bench training: batch sizes must be integers >= 1, got {b!r}.")
         for o in self.optimizers:
             choose("optimizer", o, OPTIMIZERS)
+        for c in self.compile_modes:
+            choose("compile mode", c, COMPILE_MODES)
 
 
 def parse_network(text: str) -> tuple[int, int]:
@@ -98,6 +105,7 @@ class _Row:
     network: str
     batch_size: int
     optimizer: str
+    compile: str
     params: int
     step: Any  # () -> None: one training step
     times: list[float] = field(default_factory=list)  # seconds per step, one per visit
@@ -119,7 +127,9 @@ def _synthetic_batch(pm: PolicyModelConfig, action_dim: int, batch_size: int, de
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _build_row(cfg: BenchTrainingConfig, network: str, batch_size: int, optimizer: str, device: Any) -> _Row:
+def _build_row(
+    cfg: BenchTrainingConfig, network: str, batch_size: int, optimizer: str, compile_mode: str, device: Any
+) -> _Row:
     import dataclasses
 
     import torch
@@ -129,7 +139,7 @@ def _build_row(cfg: BenchTrainingConfig, network: str, batch_size: int, optimize
     from dreamrt.policies.language import EMBED_DIM
     from dreamrt.training.ema import EMA, EMAConfig
     from dreamrt.training.train_policy import build_policy
-    from dreamrt.training.trainer import make_adamw, train_step
+    from dreamrt.training.trainer import compiled, make_adamw, train_step
 
     layers, width = parse_network(network)
     pm = dataclasses.replace(cfg.policy_model, n_layer=layers, n_emb=width)
@@ -159,11 +169,13 @@ def _build_row(cfg: BenchTrainingConfig, network: str, batch_size: int, optimize
     ema = EMA(policy, EMAConfig())
     params = [p for g in opt.param_groups for p in g["params"]]
     batch = _synthetic_batch(pm, cfg.action_dim, batch_size, device, cfg.seed)
+    loss_model = compiled(policy, compile_mode)
 
     def step() -> None:
-        train_step(policy, batch, opt, scheduler, params, 1.0, ema, policy)
+        train_step(loss_model, batch, opt, scheduler, params, 1.0, ema, policy)
 
-    return _Row(network, batch_size, optimizer, sum(p.numel() for p in policy.parameters()), step)
+    params_count = sum(p.numel() for p in policy.parameters())
+    return _Row(network, batch_size, optimizer, compile_mode, params_count, step)
 
 
 def _wait(device: Any) -> None:
@@ -190,7 +202,11 @@ def time_rows(cfg: BenchTrainingConfig, rows: list[_Row], device: Any) -> None:
 
 
 def summarise_rows(rows: list[_Row]) -> list[dict[str, Any]]:
-    default = {(r.network, r.batch_size): float(np.median(r.times)) for r in rows if r.optimizer == "default"}
+    default = {
+        (r.network, r.batch_size): float(np.median(r.times))
+        for r in rows
+        if r.optimizer == "default" and r.compile == "off"
+    }
     out = []
     for r in rows:
         per_step = float(np.median(r.times))
@@ -200,6 +216,7 @@ def summarise_rows(rows: list[_Row]) -> list[dict[str, Any]]:
                 "network": r.network,
                 "batch_size": r.batch_size,
                 "optimizer": r.optimizer,
+                "compile": r.compile,
                 "params": r.params,
                 "ms_per_step": round(per_step * 1e3, 3),
                 "steps_per_s": round(1.0 / per_step, 2),
@@ -233,9 +250,10 @@ def run(cfg: BenchTrainingConfig, out_dir: Path | None = None) -> JobResult:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         rows = [
-            _build_row(cfg, network, batch_size, optimizer, device)
+            _build_row(cfg, network, batch_size, optimizer, compile_mode, device)
             for network in cfg.networks
             for batch_size in cfg.batch_sizes
+            for compile_mode in cfg.compile_modes
             for optimizer in cfg.optimizers
         ]
         time_rows(cfg, rows, device)
@@ -271,13 +289,14 @@ def run(cfg: BenchTrainingConfig, out_dir: Path | None = None) -> JobResult:
 def format_table(summary: dict[str, Any]) -> str:
     lines = [
         f"training step on {summary['device']}, {summary['threads']} thread(s)",
-        f"{'network':>8} {'batch':>6} {'optimizer':>9} {'params':>9} {'ms/step':>9} {'steps/s':>8} "
+        f"{'network':>8} {'batch':>6} {'optimizer':>9} {'compile':>15} {'params':>9} {'ms/step':>9} {'steps/s':>8} "
         f"{'windows/s':>10} {'vs default':>10}",
     ]
     for r in summary["rows"]:
         ratio = f"{r['speedup_vs_default']:.2f}x" if r["speedup_vs_default"] is not None else "-"
         lines.append(
-            f"{r['network']:>8} {r['batch_size']:>6} {r['optimizer']:>9} {r['params']:>9} {r['ms_per_step']:>9.2f} "
+            f"{r['network']:>8} {r['batch_size']:>6} {r['optimizer']:>9} {r['compile']:>15} {r['params']:>9} "
+            f"{r['ms_per_step']:>9.2f} "
             f"{r['steps_per_s']:>8.1f} {r['windows_per_s']:>10.0f} {ratio:>10}"
         )
     return "\n".join(lines)

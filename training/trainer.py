@@ -76,6 +76,9 @@ VAL_SEED = 1234  # noise of the validation loss: fixed so successive values are 
 # ---------------------------------------------------------------------------- config
 
 
+COMPILE_MODES = ("off", "default", "reduce-overhead")  # trainer.compile
+
+
 @dataclass
 class TrainerConfig:
     steps: int = 100_000  # optimizer steps in total (a resumed run continues up to this)
@@ -109,6 +112,11 @@ class TrainerConfig:
     # fp32's rate on Ampere and later GPUs), as most training code does; the flags are restored
     # when fit() returns. No effect on CPU.
     tf32: bool = True
+    # torch.compile the loss computation (forward and backward): "off", "default", or
+    # "reduce-overhead" (CUDA graphs on a GPU, where a small network's step is launch-bound).
+    # The optimizer, EMA and validation stay eager. On this CPU "default" made a step slower
+    # (docs/benchmarks.md); measure with `dreamrt bench training compile_modes=[...]` first.
+    compile: str = "off"
     progress: bool = True  # tqdm bar
     plot: bool = True  # curves.png at each checkpoint and the end (~0.2 s each)
 
@@ -158,6 +166,7 @@ class TrainerConfig:
         if isinstance(self.ema, Mapping):
             self.ema = EMAConfig(**self.ema)
         choose("trainer.data_on_device", self.data_on_device, ("auto", "on", "off"))
+        choose("trainer.compile", self.compile, COMPILE_MODES)
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise UserError(f"trainer.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got '{self.device}'.")
 
@@ -209,6 +218,16 @@ def make_adamw(params: Any, device: torch.device, **hyperparameters: Any) -> tor
     """
     fused = True if device.type in FUSED_ADAMW_DEVICES else None
     return torch.optim.AdamW(params, fused=fused, **hyperparameters)
+
+
+def compiled(model: nn.Module, mode: str) -> nn.Module:
+    """``model`` under ``torch.compile`` in ``mode`` (one of COMPILE_MODES; "off" returns it as is)."""
+    choose("compile mode", mode, COMPILE_MODES)
+    if mode == "off":
+        return model
+    # Static shapes: a training run has one batch size (the sampler drops incomplete batches),
+    # and CUDA graphs need them anyway.
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
 def _mix(*values: int) -> int:
@@ -626,6 +645,7 @@ def _fit(
         train_model = DistributedDataParallel(
             model, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False
         )
+    train_model = compiled(train_model, cfg.compile)
 
     batch_sampler = EpochBatchSampler(
         len(train_data), cfg.batch_size, cfg.seed, d.rank, d.world_size, batches_seen

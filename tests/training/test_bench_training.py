@@ -42,6 +42,18 @@ def test_the_cli_composes_the_policy_model_group(tmp_path):
     assert [r["speedup_vs_default"] for r in summary["rows"]] == [None]  # no baseline asked for
 
 
+def test_compiled_rows_are_measured_against_the_eager_default():
+    cfg = BenchTrainingConfig(
+        networks=["1x16"], batch_sizes=[2], compile_modes=["off", "default"], steps=1, warmup=0, rounds=1
+    )
+    rows = run(cfg).summary["rows"]
+    assert [(r["compile"], r["optimizer"]) for r in rows] == [
+        ("off", "default"), ("off", "fused"), ("default", "default"), ("default", "fused")
+    ]  # fmt: skip
+    assert rows[0]["speedup_vs_default"] == 1.0
+    assert all(r["speedup_vs_default"] > 0 for r in rows)
+
+
 def test_bad_settings_are_user_errors():
     assert parse_network("8x256") == (8, 256)
     for bad in ("4", "4x", "x128", "4x-1", "4by128"):
@@ -49,6 +61,8 @@ def test_bad_settings_are_user_errors():
             parse_network(bad)
     with pytest.raises(UserError, match="optimizer"):
         BenchTrainingConfig(optimizers=["sgd"])
+    with pytest.raises(UserError, match="compile"):
+        BenchTrainingConfig(compile_modes=["fast"])
     with pytest.raises(UserError, match="batch sizes"):
         BenchTrainingConfig(batch_sizes=[0])
     pm = PolicyModelConfig()

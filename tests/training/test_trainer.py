@@ -102,6 +102,18 @@ def test_training_steps_with_fused_adamw_that_matches_the_per_tensor_loop(state_
     assert (fused_model[0].weight - start[0].weight).abs().max() > 0.05  # 20 steps of lr 1e-2 moved it
 
 
+def test_trainer_compile_runs_the_loss_under_torch_compile(state_store, tmp_path):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    result = train(toy_config(state_store, steps=3, val_every=0, save_every=0, compile="default"), tmp_path)
+    assert result.step == 3 and math.isfinite(result.metrics["loss"])
+    assert counters["stats"]["unique_graphs"] > 0  # dynamo captured the loss computation
+    assert load_checkpoint(tmp_path).step == 3  # the saved weights are the plain model's
+    with pytest.raises(UserError, match="trainer.compile"):
+        toy_config(state_store, compile="max")
+
+
 def test_checkpoint_holds_ema_weights_and_raw_weights_in_training_state(state_store, tmp_path):
     result = train(toy_config(state_store, steps=12, save_every=0), tmp_path)
     ckpt = load_checkpoint(tmp_path)
