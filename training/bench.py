@@ -271,7 +271,7 @@ def run(cfg: BenchTrainingConfig, out_dir: Path | None = None) -> JobResult:
             "n_obs_steps": cfg.policy_model.n_obs_steps,
             "lowdim_keys": list(cfg.policy_model.encoder.lowdim_keys),
             "language": cfg.policy_model.encoder.use_language,
-        },  # fmt: skip
+        },
         "steps": cfg.steps,
         "warmup": cfg.warmup,
         "rounds": cfg.rounds,
