@@ -810,8 +810,8 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step on ``batch``; returns (loss, gradient norm before clipping or None).
 
-    ``train_model`` computes the loss (``model`` or its DDP wrapper); ``ema`` averages the
-    unwrapped ``model``. Nothing here waits for the device, so a GPU runs behind the host.
+    ``train_model`` computes the loss (``model``, its DDP wrapper, either under
+    ``torch.compile``); ``ema`` averages the unwrapped ``model``. Nothing here waits for the device, so a GPU runs behind the host.
     """
     train_model.train()
     loss = train_model(batch)
