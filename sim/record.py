@@ -2,6 +2,7 @@
 
     dreamrt record out=demos.zarr episodes=200 [mode=single|chain] [tasks=[open_drawer,...]]
                    [policy=expert] [noise.action_std=0.05 | noise=null] [seed=0] [num_workers=2]
+                   [policy.path=CKPT takeover_after=[150,300]]
 
 Each *attempt* i is drawn from ``(seed, i)`` alone:
 
@@ -19,6 +20,11 @@ after its last successful subtask (dropped when the first fails). Attempts run i
 ``num_workers`` independent processes (:func:`dreamrt.sim.rollout.run_episodes_in_processes`)
 but are written in attempt order, one ``add_episodes`` call each, and the first ``episodes``
 successful ones are kept, so the store depends only on ``seed`` (not on ``num_workers``).
+
+With ``takeover_after=[first, last]`` and a learned ``policy.path`` the job records corrections
+instead (:mod:`dreamrt.sim.takeover`): the learned policy drives, the expert takes over each
+subtask the learner has not finished by a step drawn from that range, and each takeover is
+written as an episode of its own: the expert's frames from the takeover to the subtask's end.
 
 Per frame the store holds every observation key of the env (``observation.state``,
 ``observation.environment_state``, ``observation.images.static`` / ``.gripper``, depth and
@@ -83,6 +89,11 @@ class RecordConfig:
     num_workers: int = 2  # rollout processes, each with its own env and expert (0: in this process)
     max_steps_per_subtask: int = 360
     max_attempts: int | None = None  # give up after this many attempts (null: 4 x episodes + 8)
+    # [first, last]: record corrections instead of demonstrations. The learned policy at
+    # policy.path drives; in each subtask it has not finished by a step drawn from [first, last]
+    # the expert (with `noise`) takes over, and only what the expert did from there to the
+    # subtask's end is written, one episode per takeover (see dreamrt.sim.takeover).
+    takeover_after: list[int] | None = None
     overwrite: bool = False  # replace an existing store at `out` instead of appending
     progress: bool = True
 
@@ -113,6 +124,15 @@ class RecordConfig:
             )
         if self.max_steps_per_subtask < 1:
             raise UserError(f"max_steps_per_subtask={self.max_steps_per_subtask}; expected a positive int.")
+        if self.takeover_after is not None:
+            from dreamrt.sim.takeover import check_after_steps
+
+            self.takeover_after = list(check_after_steps(self.takeover_after, self.max_steps_per_subtask))
+            if self.policy.path is None:
+                raise UserError(
+                    "takeover_after needs a learned policy to take over from: pass policy.path=CKPT "
+                    f"(got the built-in policy {self.policy.name!r})."
+                )
         if self.max_attempts is not None and self.max_attempts < self.episodes:
             raise UserError(
                 f"max_attempts={self.max_attempts} is below episodes={self.episodes}; raise it or leave it null."
@@ -273,7 +293,17 @@ def record(cfg: RecordConfig) -> tuple[dict[str, Any], bool]:
     from dreamrt.sim.tasks import task_names
 
     names = task_names()
-    build_policy = policy_factory(cfg.policy, cfg.env, expert_noise=cfg.noise)
+    if cfg.takeover_after is None:
+        build_policy = policy_factory(cfg.policy, cfg.env, expert_noise=cfg.noise)
+        max_steps = cfg.max_steps_per_subtask
+    else:
+        from dreamrt.sim.takeover import make_takeover_policy
+
+        build_policy = functools.partial(
+            make_takeover_policy, cfg.policy, cfg.env, cfg.noise, tuple(cfg.takeover_after)
+        )
+        # The expert gets a whole subtask's budget of its own after the latest takeover.
+        max_steps = cfg.max_steps_per_subtask + cfg.takeover_after[1]
     policy = build_policy()
     env_cfg = resolve_env_config(cfg.env, cfg.env.cameras, policy)
     features = store_features(env_cfg)
@@ -281,6 +311,7 @@ def record(cfg: RecordConfig) -> tuple[dict[str, Any], bool]:
     writer = open_store_for(cfg, features)
 
     pending: dict[int, Any] = {}
+    corrections: dict[int, tuple[list[int], list[tuple[int, int, int]]]] = {}  # takeover_after: by attempt
     state = {"next": 0, "kept": 0, "frames": 0, "steps": 0}
     per_task: dict[str, dict[str, int]] = {}
     bar = tqdm(total=cfg.episodes, unit="episode", desc="record", disable=not cfg.progress)
@@ -305,21 +336,63 @@ def record(cfg: RecordConfig) -> tuple[dict[str, Any], bool]:
         writer.add_episodes(columns, [len(frames)], list(spec.instructions[: outcome.num_success]))
         state["frames"] += len(frames)
 
+    def write_corrections(outcome, segments: list[tuple[int, int, int]]) -> None:
+        # Each takeover is an episode of its own that starts where the expert took over: the
+        # learner's frames before it are not demonstrations.
+        frames = outcome.frames
+        rows = [f for _, begin, end in segments for f in frames[begin:end]]
+        lengths = [end - begin for _, begin, end in segments]
+        columns = {key: np.stack([f[key] for f in rows]) for key in [*obs_keys, "action"]}
+        columns["task_index"] = np.repeat(np.arange(len(segments)), lengths)
+        columns[TASK_ID_KEY] = np.repeat([task_ids[outcome.spec.tasks[k]] for k, _, _ in segments], lengths)
+        writer.add_episodes(columns, lengths, [outcome.spec.instructions[k] for k, _, _ in segments])
+        state["frames"] += len(rows)
+
+    def takeovers(outcome) -> list[tuple[int, int, int, bool]]:
+        """(subtask, first expert frame, end of the subtask's frames, succeeded) per takeover."""
+        found, begin = [], 0
+        ends = [*outcome.subtask_ends, len(outcome.frames)]
+        for k in range(min(outcome.num_success + 1, len(outcome.spec.tasks))):
+            end = ends[k]
+            expert = [i for i in range(begin, end) if outcome.frames[i]["actor"] == "expert"]
+            if expert:
+                found.append((k, expert[0], end, k < outcome.num_success))
+            begin = end
+        return found
+
     def on_outcome(outcome) -> bool:
-        # Cut to the successful part now: only that is ever written, and it may wait in `pending`.
-        if outcome.num_success:
+        if cfg.takeover_after is not None:
+            found = takeovers(outcome)
+            segments = [(k, b, e) for k, b, e, ok in found if ok]
+            corrections[outcome.spec.index] = ([t[0] for t in found], segments)
+            # Keep only what is written: outcomes may wait in `pending`.
+            outcome.frames = outcome.frames[: segments[-1][2]] if segments else None
+        elif outcome.num_success:
+            # Cut to the successful part now: only that is ever written, and it may wait in `pending`.
             outcome.frames = outcome.frames[: outcome.subtask_ends[outcome.num_success - 1]]
         else:
             outcome.frames = None
         pending[outcome.spec.index] = outcome
         while state["next"] in pending and state["kept"] < cfg.episodes:
             o = pending.pop(state["next"])
+            taken, segments = corrections.pop(state["next"], ([], []))
             state["next"] += 1
             for k, task in enumerate(o.spec.tasks[: o.num_success + 1]):
                 entry = per_task.setdefault(task, {"attempts": 0, "successes": 0})
                 entry["attempts"] += 1
                 entry["successes"] += int(k < o.num_success)
-            if o.num_success:
+                if cfg.takeover_after is not None:
+                    entry["takeovers"] = entry.get("takeovers", 0) + int(k in taken)
+                    entry["learner_successes"] = entry.get("learner_successes", 0) + int(
+                        k < o.num_success and k not in taken
+                    )
+            if cfg.takeover_after is not None:
+                segments = segments[: cfg.episodes - state["kept"]]
+                if segments:
+                    write_corrections(o, segments)
+                    state["kept"] += len(segments)
+                    bar.update(len(segments))
+            elif o.num_success:
                 write(o)
                 state["kept"] += 1
                 bar.update(1)
@@ -333,7 +406,7 @@ def record(cfg: RecordConfig) -> tuple[dict[str, Any], bool]:
     start_time = time.perf_counter()
     try:
         run_options = dict(
-            max_steps_per_subtask=cfg.max_steps_per_subtask,
+            max_steps_per_subtask=max_steps,
             keep_frames=True,
             on_outcome=on_outcome,
             on_step=on_step,

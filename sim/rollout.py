@@ -255,7 +255,9 @@ class EpisodeOutcome:
     env_resets: int  # scene resets the worker's env had done when the episode ended (cumulative)
     # With watch_other_tasks, when a subtask failed: the other tasks that fired during it, in order.
     other_tasks_of_failure: tuple[str, ...] = ()
-    frames: list[dict] | None = None  # with keep_frames: per step, the observation before it plus "action"
+    # With keep_frames: per step, the observation before it plus "action" and "actor" (the chunk's
+    # info["actor"], None unless the policy names one).
+    frames: list[dict] | None = None
     video: list[tuple[np.ndarray, str, int]] | None = None  # filmed: (frame, instruction, subtask) per step
 
 
@@ -439,12 +441,14 @@ def run_episodes(
                     continue
                 if not s.queue:
                     chunk = s.policy.act(s.obs)
-                    s.queue.extend(chunk.actions)  # the whole chunk runs before the policy is asked again
+                    actor = chunk.info.get("actor")  # who produced it, where a policy says (ExpertTakeover)
+                    # The whole chunk runs before the policy is asked again.
+                    s.queue.extend((a, actor) for a in chunk.actions)
                 else:
                     s.policy.observe(s.obs)  # keeps an observation history at the control rate
-                actions[i] = s.queue.popleft()
+                actions[i], actor = s.queue.popleft()
                 if keep_frames:
-                    s.outcome.frames.append({**s.obs, "action": actions[i].copy()})
+                    s.outcome.frames.append({**s.obs, "action": actions[i].copy(), "actor": actor})
             obs, _, terminated, _, info = envs.step(actions)
             active = sum(s.outcome is not None for s in slots)
             if on_step is not None:
