@@ -40,6 +40,7 @@ from dreamrt.sim.env import CONTROL_HZ, EnvConfig
 
 EXIT_INTERRUPTED = 130
 EVAL_MODES = ("chains", "tasks")
+INSTRUCTION_SETS = ("eval", "train")
 VIDEO_HOLD_FRAMES = 15  # the last frame repeats so the outcome stays readable
 
 
@@ -57,6 +58,10 @@ class EvalConfig:
     tasks: list[str] | None = None
     seed: int = 0  # chain generation, and the per-chain env and policy seeds
     max_steps_per_subtask: int = 360
+    # What the policy is told. eval: CALVIN's protocol, the one held-out instruction per task.
+    # train: a training paraphrase instead, drawn per subtask from (seed, episode, subtask); the
+    # gap between the two is how much the unseen wording costs (not a protocol result).
+    instructions: str = "eval"
     num_workers: int = 2  # rollout processes (0: run in this process)
     # Observation images: null = only when the policy reads images (or env.depth/segmentation is on).
     cameras: bool | None = None
@@ -70,6 +75,7 @@ class EvalConfig:
         from dreamrt.sim.video import check_video_format
 
         choose("evaluation mode", self.mode, EVAL_MODES)
+        choose("instructions", self.instructions, INSTRUCTION_SETS)
         if self.episodes_per_task < 1:
             raise UserError(f"episodes_per_task={self.episodes_per_task}; expected a positive int.")
         if self.num_chains < 1:
@@ -144,9 +150,18 @@ def resolve_env_config(env_cfg: EnvConfig, cameras: bool | None, policy) -> EnvC
     return replace(env_cfg, cameras=bool(cameras))
 
 
-def chain_specs(chains: list, seed: int, films: int) -> list:
+def instruction_for(task: str, instructions: str, seed: int, episode: int, subtask: int) -> str:
+    """What the policy is told for ``task``: its evaluation instruction, or (``instructions="train"``)
+    a training paraphrase drawn from (seed, episode, subtask)."""
+    from dreamrt.sim.language import eval_instruction, sample_instruction
+
+    if instructions == "eval":
+        return eval_instruction(task)
+    return sample_instruction(task, np.random.default_rng([seed, episode, subtask]))
+
+
+def chain_specs(chains: list, seed: int, films: int, instructions: str = "eval") -> list:
     """EpisodeSpecs for evaluation chains: evaluation instructions, seeds from (seed, chain index)."""
-    from dreamrt.sim.language import eval_instruction
     from dreamrt.sim.rollout import EpisodeSpec, derive_seed
 
     return [
@@ -154,7 +169,9 @@ def chain_specs(chains: list, seed: int, films: int) -> list:
             index=i,
             start_state=chain.start_state,
             tasks=chain.tasks,
-            instructions=tuple(eval_instruction(t) for t in chain.tasks),
+            instructions=tuple(
+                instruction_for(t, instructions, seed, i, k) for k, t in enumerate(chain.tasks)
+            ),
             env_seed=derive_seed(seed, i, 0),
             policy_seeds=tuple(derive_seed(seed, i, 1 + k) for k in range(len(chain.tasks))),
             film=i < films,
@@ -163,10 +180,9 @@ def chain_specs(chains: list, seed: int, films: int) -> list:
     ]
 
 
-def task_specs(episodes_per_task: int, seed: int, films: int) -> list:
+def task_specs(episodes_per_task: int, seed: int, films: int, instructions: str = "eval") -> list:
     """EpisodeSpecs for single-task rollouts: for each task, random reachable states that allow it."""
     from dreamrt.sim import protocol
-    from dreamrt.sim.language import eval_instruction
     from dreamrt.sim.rollout import EpisodeSpec, derive_seed
     from dreamrt.sim.tasks import task_names
 
@@ -181,7 +197,7 @@ def task_specs(episodes_per_task: int, seed: int, films: int) -> list:
                     index=i,
                     start_state=states[int(rng.integers(len(states)))],
                     tasks=(task,),
-                    instructions=(eval_instruction(task),),
+                    instructions=(instruction_for(task, instructions, seed, i, 0),),
                     env_seed=derive_seed(seed, i, 0),
                     policy_seeds=(derive_seed(seed, i, 1),),
                     film=i < films,
@@ -199,10 +215,12 @@ def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], boo
 
     if cfg.mode == "chains":
         films = min(cfg.videos, cfg.num_chains) if out_dir is not None else 0
-        specs = chain_specs(protocol.generate_chains(cfg.num_chains, cfg.seed), cfg.seed, films)
+        specs = chain_specs(
+            protocol.generate_chains(cfg.num_chains, cfg.seed), cfg.seed, films, cfg.instructions
+        )
     else:
         films = cfg.videos if out_dir is not None else 0
-        specs = task_specs(cfg.episodes_per_task, cfg.seed, films=0)
+        specs = task_specs(cfg.episodes_per_task, cfg.seed, films=0, instructions=cfg.instructions)
         if cfg.tasks:
             specs = [s for s in specs if s.tasks[0] in cfg.tasks]
         specs = [replace(s, film=n < films) for n, s in enumerate(specs)]
@@ -262,6 +280,7 @@ def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], boo
             [(tasks, done, instead[i]) for i, (tasks, done) in sorted(results.items())]
         )
     summary.update(
+        instructions=cfg.instructions,
         wall_time_s=wall,
         env_steps=steps,
         steps_per_s=steps / wall if wall > 0 else 0.0,
@@ -398,6 +417,8 @@ def format_summary(summary: dict) -> str:
             + f"   avg len: {summary['avg_len']:.3f}",
             f"{summary['env_steps']} env steps in {summary['wall_time_s']:.1f} s ({summary['steps_per_s']:.0f} steps/s)",
         ]
+    if summary.get("instructions") == "train":
+        lines.insert(0, "told training paraphrases, not the evaluation instructions: not CALVIN's protocol")
     failures = summary.get("failures")
     if failures and failures["failed"]:
         lines.append(

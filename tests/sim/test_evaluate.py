@@ -351,3 +351,30 @@ def test_task_mode_filtered_to_some_tasks_repeats_their_episodes_of_the_full_set
         EvalConfig(mode="tasks", tasks=["turn_on_leds"])
     with pytest.raises(UserError, match="mode=tasks"):
         EvalConfig(mode="chains", tasks=["turn_on_led"])
+
+
+def test_instructions_train_tells_training_paraphrases_on_the_same_episodes(tmp_path):
+    from dreamrt.sim.evaluate import task_specs
+    from dreamrt.sim.language import train_instructions
+
+    chains = protocol.generate_chains(6, 0)
+    told, held_out = chain_specs(chains, 0, 0, "train"), chain_specs(chains, 0, 0)
+
+    def without_words(specs):
+        return [(s.index, s.start_state, s.tasks, s.env_seed, s.policy_seeds) for s in specs]
+
+    assert without_words(told) == without_words(held_out)
+    said = [(t, i) for s in told for t, i in zip(s.tasks, s.instructions)]
+    assert all(i in train_instructions(t) and i != eval_instruction(t) for t, i in said)
+    assert len({i for _, i in said}) > len({t for t, _ in said})  # drawn per subtask, not one per task
+    assert chain_specs(chains, 0, 0, "train") == told  # from the seed alone
+    singles = task_specs(1, 0, 0, instructions="train")
+    assert without_words(singles) == without_words(task_specs(1, 0, 0))
+    assert all(s.instructions[0] in train_instructions(s.tasks[0]) for s in singles)
+
+    cfg = EvalConfig(mode="tasks", tasks=["turn_on_led"], episodes_per_task=1, instructions="train")
+    summary = run(replace(cfg, num_workers=0, videos=0, progress=False), tmp_path).summary
+    assert summary["instructions"] == "train" and summary["mean_success"] == 1.0  # the expert
+    assert "not CALVIN's protocol" in format_summary(summary)
+    with pytest.raises(UserError, match="instructions"):
+        EvalConfig(instructions="test")
