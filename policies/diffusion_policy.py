@@ -241,6 +241,10 @@ class DiffusionPolicy(nn.Module):
         # taking the observation features (B, To, O) and returning denoise(x_t, t) for one chunk.
         # None runs the plain network. Set by whoever loads the policy; policies never import runtime.
         self.denoiser_factory: Callable[[Tensor], Callable[[Tensor, int], Tensor]] | None = None
+        # Training-time plug point for language augmentation (dreamrt.training.language_augment):
+        # augment(table, rows) -> (B, 384) embeddings that replace the table's rows in the loss
+        # while the module is in training mode. Not saved: acting and validation read the table.
+        self.instruction_augment: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def _check_action_dim(self, normalizer: Normalizer) -> None:
         shape = normalizer.params(self.config.action_key).scale.shape
@@ -293,12 +297,25 @@ class DiffusionPolicy(nn.Module):
                 f"{c.action_dim}) (batch, horizon, action_dim). Sample windows with horizon={c.horizon}."
             )
         x0 = self.norms[_module_key(c.action_key)].normalize(actions)  # (B, H, A) in about [-1, 1]
-        features = self.encode_observations(batch)  # (B, To, O)
+        features = self.encode_observations(self.augment_instructions(batch))  # (B, To, O)
         b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = self.schedule.sample_timesteps(b, generator=generator, device=x0.device)
         pred = self.model(self.schedule.add_noise(x0, noise, t), t, features)
         return F.mse_loss(pred, self.schedule.training_target(x0, noise))
+
+    def augment_instructions(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``batch`` with ``instruction_augment``'s embeddings in place of the table's rows, in
+        training mode when one is set (and the batch names rows by ``task_index``); else ``batch``."""
+        if not (
+            self.training
+            and self.instruction_augment is not None
+            and TASK_INDEX_KEY in batch
+            and TASK_EMBEDDING_KEY not in batch
+        ):
+            return batch
+        rows = self._task_rows(batch).to(self.device)
+        return {**batch, TASK_EMBEDDING_KEY: self.instruction_augment(self.instruction_embeddings, rows)}
 
     def encode_observations(self, obs: Mapping[str, Any]) -> Tensor:
         """Raw (unnormalised) observation windows (B, To, ...) -> features (B, To, O).
@@ -334,20 +351,7 @@ class DiffusionPolicy(nn.Module):
         if TASK_EMBEDDING_KEY in obs:
             return torch.as_tensor(obs[TASK_EMBEDDING_KEY], device=self.device).float()
         if TASK_INDEX_KEY in obs:
-            index = torch.as_tensor(obs[TASK_INDEX_KEY])
-            index = (
-                (index[:, -1] if index.ndim == 2 else index).round().long()
-            )  # the current step's task, (B,)
-            n = len(self.config.instructions)
-            # Checked where the indices are on the host (observations, DataLoader batches): reading
-            # them back from a GPU would stall every training step until the GPU caught up. Batches
-            # gathered on the GPU come from the store whose task list built this table.
-            if index.device.type == "cpu" and len(index) and (int(index.min()) < 0 or int(index.max()) >= n):
-                raise UserError(
-                    f"task_index values {sorted(set(index.tolist()))[:8]} fall outside the policy's {n} instructions. "
-                    "The policy was built for another episode store's task list."
-                )
-            return self.instruction_embeddings[index.to(self.device)]
+            return self.instruction_embeddings[self._task_rows(obs).to(self.device)]
         if TASK_KEY in obs:
             tasks = obs[TASK_KEY]
             return self.embed_instructions([tasks] if isinstance(tasks, str) else list(tasks))
@@ -355,6 +359,21 @@ class DiffusionPolicy(nn.Module):
             f"This policy is language-conditioned but the observation has none of '{TASK_KEY}' (instruction "
             f"strings), '{TASK_INDEX_KEY}' or '{TASK_EMBEDDING_KEY}'; it has {sorted(obs)}."
         )
+
+    def _task_rows(self, obs: Mapping[str, Any]) -> Tensor:
+        """The instruction-table row of each window's current step, (B,), from ``task_index``."""
+        index = torch.as_tensor(obs[TASK_INDEX_KEY])
+        index = (index[:, -1] if index.ndim == 2 else index).round().long()  # the current step's task, (B,)
+        n = len(self.config.instructions)
+        # Checked where the indices are on the host (observations, DataLoader batches): reading
+        # them back from a GPU would stall every training step until the GPU caught up. Batches
+        # gathered on the GPU come from the store whose task list built this table.
+        if index.device.type == "cpu" and len(index) and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise UserError(
+                f"task_index values {sorted(set(index.tolist()))[:8]} fall outside the policy's {n} instructions. "
+                "The policy was built for another episode store's task list."
+            )
+        return index
 
     def embed_instructions(self, texts: Sequence[str]) -> Tensor:
         """(B,) instructions -> (B, 384): training instructions from the table, others via MiniLM."""

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from dreamrt.errors import UserError, choose
 from dreamrt.jobs import JobResult
+from dreamrt.training.language_augment import LanguageAugmentConfig, paraphrase_mixer
 from dreamrt.training.train_policy import MISSING, DataConfig
 from dreamrt.training.trainer import TrainerConfig, TrainResult
 
@@ -111,6 +112,8 @@ class DistillConfig:
     eval_windows: int = 256  # training windows the closeness metrics (eval/*) are computed on
     trainer: TrainerConfig = field(default_factory=_distill_trainer)
     resume: str | None = None  # a distill run directory (its newest checkpoint) or a checkpoint to continue
+    # Paraphrase mixing (dreamrt.training.language_augment), as the teacher was trained with it.
+    language_augment: LanguageAugmentConfig = field(default_factory=LanguageAugmentConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.objective, Mapping):
@@ -221,6 +224,8 @@ class ConsistencyDistillation(nn.Module):
         t = torch.randint(0, self.t_max + 1, (b,), device=x0.device)  # (B,)
         t_prev = (t - self.config.solver_step).clamp(min=-1)
         x_t = student.schedule.add_noise(x0, torch.randn_like(x0), t)
+        # Teacher and student read the same (possibly paraphrase-mixed) instruction embeddings.
+        batch = student.augment_instructions(batch)
         features = student.encode_observations(batch)  # (B, To, O)
         with torch.no_grad():
             x_prev = self.teacher_ddim_step(x_t, t, t_prev, self.teacher.encode_observations(batch))
@@ -410,6 +415,10 @@ def distill(cfg: DistillConfig, out_dir: str | os.PathLike[str]) -> tuple[TrainR
     val_data = train_data.split_dataset("val") if has_val else None
 
     student = build_student(teacher, cfg.num_steps)
+    if cfg.language_augment.mix:
+        student.instruction_augment = paraphrase_mixer(
+            store, cfg.language_augment, len(tc.instructions), tc.encoder.use_language, task_index_map
+        )
     objective = ConsistencyDistillation(student, teacher, cfg.objective)
     reference = TeacherReference(
         teacher, reference_windows(train_data, cfg.eval_windows), seed=cfg.trainer.seed

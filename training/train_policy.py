@@ -29,6 +29,7 @@ from dreamrt.errors import UserError, choose
 from dreamrt.jobs import JobResult
 from dreamrt.policies.encoders import ObsEncoderConfig
 from dreamrt.policies.schedulers import NoiseScheduleConfig, SamplerConfig
+from dreamrt.training.language_augment import LanguageAugmentConfig, paraphrase_mixer
 from dreamrt.training.trainer import TrainerConfig, TrainResult
 
 MISSING = "???"  # OmegaConf's marker for a required value
@@ -147,6 +148,8 @@ class TrainConfig:
     # zero, so the run starts from exactly the checkpoint's behaviour. The instruction table is
     # rebuilt from this run's store. Unlike `resume`, the step starts at 0.
     init_from: str | None = None
+    # Paraphrase mixing for language policies (dreamrt.training.language_augment): off by default.
+    language_augment: LanguageAugmentConfig = field(default_factory=LanguageAugmentConfig)
 
 
 def train(
@@ -215,6 +218,10 @@ def train(
     )
     if warm_start is not None:
         _warm_start(policy, warm_start)
+    if cfg.language_augment.mix:
+        policy.instruction_augment = paraphrase_mixer(
+            store, cfg.language_augment, len(instructions), enc.use_language
+        )
 
     obs_keys = [
         *enc.lowdim_keys,
