@@ -415,7 +415,7 @@ def distill(cfg: DistillConfig, out_dir: str | os.PathLike[str]) -> tuple[TrainR
     val_data = train_data.split_dataset("val") if has_val else None
 
     student = build_student(teacher, cfg.num_steps)
-    if cfg.language_augment.mix:
+    if cfg.language_augment.enabled:
         student.instruction_augment = paraphrase_mixer(
             store, cfg.language_augment, len(tc.instructions), tc.encoder.use_language, task_index_map
         )

@@ -41,6 +41,10 @@ class LanguageAugmentConfig:
     noise: float = 0.0  # std of Gaussian noise per dimension before normalising (unit-norm rows: ~0.05 RMS)
     group_key: str = "observation.task_id"  # store column naming each frame's task
 
+    @property
+    def enabled(self) -> bool:
+        return self.mix or self.noise > 0
+
     def __post_init__(self) -> None:
         if not self.extrapolate >= 0:
             raise UserError(f"language_augment.extrapolate={self.extrapolate!r}; expected >= 0.")
@@ -111,9 +115,11 @@ def paraphrase_mixer(
     rows when they differ (a student distilled on another recording of the teacher's tasks)."""
     if not use_language:
         raise UserError(
-            "language_augment.mix=true mixes instruction embeddings, but this policy reads no language "
-            "(policy_model.encoder.use_language=false). Drop language_augment.mix or turn language on."
+            "language_augment perturbs instruction embeddings, but this policy reads no language "
+            "(policy_model.encoder.use_language=false). Drop language_augment or turn language on."
         )
+    if not cfg.mix:  # noise alone: every row is a group of its own
+        return ParaphraseMixer(-1 - np.arange(num_rows), cfg)
     if cfg.group_key not in store.keys:
         raise UserError(
             f"language_augment.group_key={cfg.group_key!r} is not a column of {store.path}; it must name each "

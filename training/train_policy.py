@@ -218,7 +218,7 @@ def train(
     )
     if warm_start is not None:
         _warm_start(policy, warm_start)
-    if cfg.language_augment.mix:
+    if cfg.language_augment.enabled:
         policy.instruction_augment = paraphrase_mixer(
             store, cfg.language_augment, len(instructions), enc.use_language
         )

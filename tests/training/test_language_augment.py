@@ -125,6 +125,9 @@ def test_mixing_needs_language_and_a_task_column(tmp_path):
     cfg.language_augment = LanguageAugmentConfig(mix=True)
     with pytest.raises(UserError, match="reads no language"):
         train(cfg, tmp_path / "b")
+    noise_only = toy_config(bare, language=True, steps=1, batch_size=4, save_every=0, val_every=0)
+    noise_only.language_augment = LanguageAugmentConfig(noise=0.05)  # needs no task column
+    assert isinstance(train(noise_only, tmp_path / "c").model.instruction_augment, ParaphraseMixer)
     with pytest.raises(UserError, match="extrapolate"):
         LanguageAugmentConfig(mix=True, extrapolate=-1.0)
 
