@@ -80,7 +80,7 @@ def paraphrase_store(path, episodes=24, length=20, seed=0, with_task_id=True):
 
 def test_train_mixes_only_in_training_and_saves_the_plain_table(tmp_path):
     store = paraphrase_store(tmp_path / "para.zarr")
-    cfg = toy_config(store, language=True, steps=6, val_every=3, save_every=6)
+    cfg = toy_config(store, language=True, p_drop=0.0, steps=6, val_every=3, save_every=6)
     cfg.language_augment = LanguageAugmentConfig(mix=True, extrapolate=0.25)
     result = train(cfg, tmp_path / "run")
     policy = result.model
@@ -91,7 +91,7 @@ def test_train_mixes_only_in_training_and_saves_the_plain_table(tmp_path):
     assert len({by_text[t] for t in PARAPHRASES["go right"]}) == 1
     assert by_text["go left"] != by_text["go right"]
 
-    # The loss differs between training mode (mixed embeddings) and eval mode (the table's rows).
+    # In training mode the loss reads mixed embeddings; in eval mode the table's rows.
     from dreamrt.policies.diffusion_policy import TASK_INDEX_KEY
 
     batch = {
@@ -99,13 +99,17 @@ def test_train_mixes_only_in_training_and_saves_the_plain_table(tmp_path):
         TASK_INDEX_KEY: torch.tensor([[0, 0], [1, 1], [2, 2], [3, 3]]),
         "action": torch.zeros(4, 8, 2),
     }
+    mixer = policy.instruction_augment
     losses = {}
     for mode in ("train", "eval"):
-        getattr(policy, mode)()
-        torch.manual_seed(0)
-        with torch.no_grad():
-            losses[mode] = float(policy.compute_loss(batch))
-    assert losses["train"] != losses["eval"]
+        for augment in (mixer, None):
+            getattr(policy, mode)()
+            policy.instruction_augment = augment
+            torch.manual_seed(0)
+            with torch.no_grad():
+                losses[mode, augment is None] = float(policy.compute_loss(batch))
+    assert losses["train", False] != losses["train", True]
+    assert losses["eval", False] == losses["eval", True] == losses["train", True]  # no dropout here
 
     saved = load_diffusion_policy(tmp_path / "run")
     assert saved.instruction_augment is None
