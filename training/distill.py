@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +114,10 @@ class DistillConfig:
     resume: str | None = None  # a distill run directory (its newest checkpoint) or a checkpoint to continue
     # Paraphrase mixing (dreamrt.training.language_augment), as the teacher was trained with it.
     language_augment: LanguageAugmentConfig = field(default_factory=LanguageAugmentConfig)
+    # Warm start: an earlier consistency student (e.g. of the teacher this one was fine-tuned
+    # from) whose weights the student starts from instead of the teacher's. Its network and
+    # normaliser must equal the teacher's; the instruction table stays the teacher's.
+    student_init: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.objective, Mapping):
@@ -362,6 +366,43 @@ def build_student(teacher: DiffusionPolicy, num_steps: int) -> DiffusionPolicy:
     return student.to(teacher.device).train().requires_grad_(True)
 
 
+def warm_start_student(student: DiffusionPolicy, path: str) -> None:
+    """Load the weights of the consistency student at ``path`` into ``student`` (built by
+    :func:`build_student`), keeping ``student``'s instruction table.
+
+    Refuses a checkpoint that is not a consistency student, whose network or noise schedule
+    differs, or whose normaliser differs (its weights would read differently scaled inputs).
+    """
+    from dreamrt.policies.consistency import SAMPLER_NAME
+    from dreamrt.policies.diffusion_policy import load_diffusion_policy
+
+    earlier = load_diffusion_policy(path)
+    if earlier.config.sampler.name != SAMPLER_NAME or earlier.config.noise.prediction_type != "sample":
+        raise UserError(
+            f"student_init={path} is not a consistency student (sampler '{earlier.config.sampler.name}', "
+            f"prediction_type '{earlier.config.noise.prediction_type}'); pass a checkpoint written by "
+            "`dreamrt distill`, or drop student_init to start from the teacher's weights."
+        )
+    ours = replace(student.config, sampler=earlier.config.sampler, instructions=[], language_fingerprint="")
+    theirs = replace(earlier.config, instructions=[], language_fingerprint="")
+    if ours != theirs:
+        differing = [f.name for f in fields(ours) if getattr(ours, f.name) != getattr(theirs, f.name)]
+        raise UserError(
+            f"student_init={path} has another network than the teacher's student (differs in: "
+            f"{', '.join(differing)}); warm-start only from a student of the same architecture."
+        )
+    if earlier.normalizer.to_dict() != student.normalizer.to_dict():
+        raise UserError(
+            f"student_init={path} was trained with another normaliser than the teacher's; its weights "
+            "read inputs scaled differently. Warm-start from a student whose teacher shared this normaliser "
+            "(e.g. the teacher was fine-tuned with init_from= from that student's teacher)."
+        )
+    state = earlier.state_dict()
+    if "instruction_embeddings" in state:  # the table belongs to the teacher's store, not the weights
+        state["instruction_embeddings"] = student.instruction_embeddings
+    student.load_state_dict(state, strict=True)
+
+
 def distill(cfg: DistillConfig, out_dir: str | os.PathLike[str]) -> tuple[TrainResult, dict[str, float]]:
     """Distil ``cfg.teacher`` into a consistency student; returns the trainer's result and the final closeness."""
     from dreamrt.episodes import SamplerConfig as WindowConfig
@@ -415,6 +456,8 @@ def distill(cfg: DistillConfig, out_dir: str | os.PathLike[str]) -> tuple[TrainR
     val_data = train_data.split_dataset("val") if has_val else None
 
     student = build_student(teacher, cfg.num_steps)
+    if cfg.student_init and cfg.resume is None:  # a resumed run restores its own weights
+        warm_start_student(student, cfg.student_init)
     if cfg.language_augment.enabled:
         student.instruction_augment = paraphrase_mixer(
             store, cfg.language_augment, len(tc.instructions), tc.encoder.use_language, task_index_map

@@ -35,6 +35,7 @@ from dreamrt.training.distill import (
     reference_windows,
     run,
     sample_normalized,
+    warm_start_student,
 )
 from dreamrt.training.train_policy import DataConfig, PolicyModelConfig, TrainConfig, train
 from dreamrt.training.trainer import TrainerConfig
@@ -368,3 +369,30 @@ def test_distilling_on_another_recording_translates_its_task_indices(tmp_path):
     unknown = _store_of_tasks(tmp_path / "unknown.zarr", ("go left", "go up"))
     with pytest.raises(UserError, match="1 instruction.*not trained on.*go up"):
         _check_store(open_store(unknown), teacher)
+
+
+# ---------------------------------------------------------------------------- warm start
+
+
+def test_student_init_starts_from_the_earlier_student(distilled, teacher, store, tmp_path):
+    """student_init= loads an earlier student's weights: a short run from it stays as close to the
+    teacher as that student, where the same short run from the teacher's weights is far off."""
+    out, summary = distilled
+    student = build_student(load_diffusion_policy(teacher), num_steps=1)
+    warm_start_student(student, str(out))
+    earlier = load_diffusion_policy(out)
+    for name, value in earlier.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[name], value, rtol=0, atol=0)
+
+    short = dict(steps=20, lr=1e-5, warmup_steps=1)
+    warm = run(replace(_config(store, teacher, **short), student_init=str(out)), tmp_path / "warm").summary
+    cold = run(_config(store, teacher, **short), tmp_path / "cold").summary
+    key = "closeness/student1_vs_teacher"
+    assert warm[key] < 1.3 * summary[key], (warm[key], summary[key])
+    assert warm[key] < 0.5 * cold[key], (warm[key], cold[key])
+
+
+def test_student_init_refuses_a_checkpoint_that_is_not_a_student(store, teacher, tmp_path):
+    with pytest.raises(UserError, match="not a consistency student"):
+        run(replace(_config(store, teacher, steps=2), student_init=str(teacher)), tmp_path / "x")
+    assert not (tmp_path / "x" / "checkpoints").exists()  # refused before anything was written
