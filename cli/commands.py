@@ -84,6 +84,14 @@ COMMANDS: tuple[Command, ...] = (
         positional=("dataset.path",),
     ),
     Command(
+        name="label-tasks",
+        summary="Label a language policy's instructions with their tasks (for instruction grounding) from a store.",
+        config="label_tasks",
+        schema="dreamrt.training.label_tasks:LabelTasksConfig",
+        job="dreamrt.training.label_tasks:run",
+        writes_outputs=False,
+    ),
+    Command(
         name="bac calibrate",
         summary="Record sub-block outputs over a sampler's steps and write a BAC caching schedule (bac_schedule.json).",
         config="bac_calibrate",

@@ -39,6 +39,7 @@ A action dim, O per-step observation features.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -56,11 +57,17 @@ from dreamrt.episodes.normalize import Normalizer
 from dreamrt.errors import UserError, did_you_mean
 from dreamrt.policies.dpt import DPT, DPTConfig
 from dreamrt.policies.encoders import TASK_EMBEDDING_KEY, TASK_KEY, ObsEncoderConfig, ObservationEncoder
+from dreamrt.policies.grounding import GROUNDING_MODES, Grounding, InstructionGrounder
 from dreamrt.policies.language import EMBED_DIM, SentenceEncoder, normalize_instruction
 from dreamrt.policies.protocol import ActionChunk, Observation, PolicySpec
 from dreamrt.policies.schedulers import NoiseSchedule, NoiseScheduleConfig, SamplerConfig, make_sampler
 
 POLICY_KIND = "dpt_policy"  # meta.json kind of DiffusionPolicy checkpoints
+# Below this, a grounded instruction is logged as a warning, not refused: the 34 held-out CALVIN
+# instructions are read with 0.25-0.95 by the shipped teacher (28 of them above 0.5), off-task
+# requests ("make me a coffee", "close the door") with 0.07-0.38, so no threshold separates them.
+LOW_GROUNDING_CONFIDENCE = 0.5
+log = logging.getLogger(__name__)
 TASK_INDEX_KEY = "task_index"  # the store column the dataset windows carry for language policies
 ACTION_MODES = (
     "rel_cartesian",
@@ -86,6 +93,13 @@ class DiffusionPolicyConfig:
     action_mode: str = "rel_cartesian"
     instructions: list[str] = field(default_factory=list)  # rows of instruction_embeddings (language only)
     language_fingerprint: str = ""  # sentence-model weights that embedded them
+    # The task each instruction row names (paraphrases of one task share a label), from the
+    # training store's task column; empty when the store had none. Grounding needs it.
+    instruction_tasks: list[int] = field(default_factory=list)
+    # How an instruction outside the table is read (dreamrt.policies.grounding): "none" embeds
+    # it and acts on that embedding; "task" classifies it into one of the table's tasks and acts
+    # on that task's nearest paraphrase.
+    instruction_grounding: str = "none"
     # Instruction embeddings are L2-normalised (per-dimension RMS 1/sqrt(384), ~20x smaller than
     # the [-1, 1] low-dim inputs); the policy scales them to unit RMS before the encoder, as it
     # normalises every other input. Without it the language signal reaches DP-T so weakly that a
@@ -126,6 +140,23 @@ class DiffusionPolicyConfig:
                 f"Valid: {', '.join(ACTION_MODES)}."
             )
         self.instructions = [normalize_instruction(t) for t in self.instructions]
+        self.instruction_tasks = [int(t) for t in self.instruction_tasks]
+        if self.instruction_tasks and len(self.instruction_tasks) != len(self.instructions):
+            raise UserError(
+                f"DiffusionPolicyConfig.instruction_tasks has {len(self.instruction_tasks)} labels for "
+                f"{len(self.instructions)} instructions; give one per instruction, or none."
+            )
+        if self.instruction_grounding not in GROUNDING_MODES:
+            raise UserError(
+                f"Unknown instruction_grounding '{self.instruction_grounding}'."
+                f"{did_you_mean(self.instruction_grounding, GROUNDING_MODES)} Valid: {', '.join(GROUNDING_MODES)}."
+            )
+        if self.instruction_grounding == "task" and not self.instruction_tasks:
+            raise UserError(
+                "instruction_grounding='task' reads an instruction as one of the policy's tasks, but this policy "
+                "has no instruction_tasks (the task of each instruction row). Label them with `dreamrt label-tasks "
+                "checkpoint=CKPT dataset=STORE` (the store it was trained on), or use instruction_grounding=none."
+            )
         if self.instructions and not self.encoder.use_language:
             raise UserError(
                 f"DiffusionPolicyConfig lists {len(self.instructions)} instructions but encoder.use_language is "
@@ -228,6 +259,8 @@ class DiffusionPolicy(nn.Module):
         for i, text in enumerate(config.instructions):
             self._instruction_row.setdefault(text, i)
         self._encoder_seeded = False
+        self._grounder: InstructionGrounder | None = None
+        self.groundings: dict[str, Grounding] = {}  # what each unseen instruction was read as
         self.spec = PolicySpec(
             rate_hz=config.rate_hz,
             action_dim=config.action_dim,
@@ -377,10 +410,36 @@ class DiffusionPolicy(nn.Module):
 
     def embed_instructions(self, texts: Sequence[str]) -> Tensor:
         """(B,) instructions -> (B, 384): training instructions from the table, others via MiniLM."""
-        rows = [self._instruction_row.get(normalize_instruction(t)) for t in texts]
+        keys = [normalize_instruction(t) for t in texts]
+        rows = [self._instruction_row.get(k) for k in keys]
+        if self.config.instruction_grounding != "none":
+            rows = [
+                self.groundings[k].row if r is None and k in self.groundings else r
+                for k, r in zip(keys, rows)
+            ]
         if all(r is not None for r in rows):
             return self.instruction_embeddings[torch.tensor(rows, device=self.device)]
-        return self._sentence_encoder().encode(list(texts)).to(self.device)
+        embeddings = self._sentence_encoder().encode(list(texts)).to(self.device)
+        if self.config.instruction_grounding == "none":
+            return embeddings
+        unseen = [i for i, r in enumerate(rows) if r is None]
+        for i, grounding in zip(unseen, self._ground(embeddings[unseen])):
+            self.groundings[keys[i]] = grounding
+            rows[i] = grounding.row
+            level = logging.WARNING if grounding.confidence < LOW_GROUNDING_CONFIDENCE else logging.INFO
+            log.log(
+                level,
+                "instruction %r read as %r (confidence %.2f)",
+                texts[i],
+                self.config.instructions[grounding.row],
+                grounding.confidence,
+            )
+        return self.instruction_embeddings[torch.tensor(rows, device=self.device)]
+
+    def _ground(self, embeddings: Tensor) -> list[Grounding]:
+        if self._grounder is None:
+            self._grounder = InstructionGrounder(self.instruction_embeddings, self.config.instruction_tasks)
+        return self._grounder(embeddings)
 
     def _sentence_encoder(self) -> SentenceEncoder:
         encoder = self.encoder.sentence_encoder
@@ -570,6 +629,10 @@ class DiffusionPolicy(nn.Module):
             "sampler_steps": getattr(self.sampler, "num_steps", None),
             "latency_s": time.perf_counter() - start,
         }
+        grounding = self.groundings.get(normalize_instruction(observation.get(TASK_KEY) or ""))
+        if grounding is not None:  # what an unseen wording was read as, for the operator's logs
+            info["instruction_grounded_as"] = self.config.instructions[grounding.row]
+            info["instruction_grounding_confidence"] = grounding.confidence
         return ActionChunk(actions=chunk, info=info)
 
 
@@ -619,12 +682,14 @@ def load_diffusion_policy(
     sampler: SamplerConfig | None = None,
     *,
     n_action_steps: int | None = None,
+    instruction_grounding: str | None = None,
     device: str | torch.device = "cpu",
 ) -> DiffusionPolicy:
     """Load a ``dpt_policy`` checkpoint (a checkpoint directory, or a run directory for its newest one).
 
     ``sampler`` replaces the sampler saved in the checkpoint, ``n_action_steps`` its executed
-    chunk length (Ta; the network and its weights do not depend on it). The policy comes back
+    chunk length (Ta; the network and its weights do not depend on it), ``instruction_grounding``
+    how it reads instructions outside its table. The policy comes back
     in eval mode, on ``device``, reset with seed 0.
     """
     from dreamrt.training.checkpoint import config_from_dict, load_checkpoint, load_into
@@ -635,6 +700,8 @@ def load_diffusion_policy(
         config = replace(config, sampler=sampler)
     if n_action_steps is not None:
         config = replace(config, n_action_steps=n_action_steps)  # re-validated by the config
+    if instruction_grounding is not None:
+        config = replace(config, instruction_grounding=instruction_grounding)
     policy = DiffusionPolicy(config, Normalizer.from_dict(ckpt.normalizer))
     load_into(policy, ckpt)
     policy.eval().requires_grad_(False).to(device)

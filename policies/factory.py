@@ -21,6 +21,10 @@ defaults load the checkpoint exactly as saved:
   onnxruntime's). With onnxruntime, torch is set to one thread: what is left to it (the
   sampler arithmetic on a (1, H, A) tensor) gains nothing from more, and its idle workers
   would spin on the cores onnxruntime needs.
+- ``grounding`` (none | task): how a language policy reads an instruction outside its
+  instruction table; ``task`` classifies it into one of the policy's tasks and acts on that
+  task's nearest training paraphrase (:mod:`dreamrt.policies.grounding`; the checkpoint needs
+  its rows' task labels, ``dreamrt label-tasks``).
 
 The runtime options apply in :func:`load_policy`; this module imports torch (and the
 runtime modules, lazily) only when a checkpoint is loaded.
@@ -64,6 +68,9 @@ class PolicyConfig:
     backend: str = "torch"  # torch | onnxruntime (exports <checkpoint>/onnx on first use)
     n_action_steps: int | None = None  # actions executed per chunk (Ta); null: the checkpoint's
     threads: int | None = None  # CPU threads of the backend's pool; null: the library default
+    # How an instruction outside the policy's table is read: none | task (dreamrt.policies.grounding);
+    # null: the checkpoint's instruction_grounding.
+    grounding: str | None = None
 
     def __post_init__(self) -> None:
         if self.path is None:
@@ -72,6 +79,10 @@ class PolicyConfig:
             choose("policy.sampler", self.sampler, SAMPLER_CHOICES)
         choose("policy.cache", self.cache, CACHE_CHOICES)
         choose("policy.backend", self.backend, BACKEND_CHOICES)
+        if self.grounding is not None:
+            from dreamrt.policies.grounding import GROUNDING_MODES
+
+            choose("policy.grounding", self.grounding, GROUNDING_MODES)
         for name in ("steps", "cache_updates", "n_action_steps", "threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -90,7 +101,16 @@ class PolicyConfig:
     def runtime_options(self) -> dict[str, Any]:
         """The runtime options that differ from their defaults."""
         defaults = PolicyConfig.__dataclass_fields__
-        names = ("sampler", "steps", "cache", "cache_updates", "backend", "n_action_steps", "threads")
+        names = (
+            "sampler",
+            "steps",
+            "cache",
+            "cache_updates",
+            "backend",
+            "n_action_steps",
+            "threads",
+            "grounding",
+        )
         return {n: getattr(self, n) for n in names if getattr(self, n) != defaults[n].default}
 
 
@@ -196,7 +216,12 @@ def _load_diffusion_policy(
     from dreamrt.policies.diffusion_policy import load_diffusion_policy
 
     sampler = sampler_config(saved_sampler(checkpoint_dir), cfg.sampler, cfg.steps, checkpoint_dir)
-    policy = load_diffusion_policy(checkpoint_dir, sampler=sampler, n_action_steps=cfg.n_action_steps)
+    policy = load_diffusion_policy(
+        checkpoint_dir,
+        sampler=sampler,
+        n_action_steps=cfg.n_action_steps,
+        instruction_grounding=cfg.grounding,
+    )
     schedule = cache_schedule(policy, cfg, checkpoint_dir, bac_schedule)
     _set_threads(cfg)
     if cfg.backend == "onnxruntime":

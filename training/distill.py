@@ -383,8 +383,15 @@ def warm_start_student(student: DiffusionPolicy, path: str) -> None:
             f"prediction_type '{earlier.config.noise.prediction_type}'); pass a checkpoint written by "
             "`dreamrt distill`, or drop student_init to start from the teacher's weights."
         )
-    ours = replace(student.config, sampler=earlier.config.sampler, instructions=[], language_fingerprint="")
-    theirs = replace(earlier.config, instructions=[], language_fingerprint="")
+    # What the network reads is compared; the instruction table (and its labels) stays the teacher's.
+    unread = {
+        "instructions": [],
+        "language_fingerprint": "",
+        "instruction_tasks": [],
+        "instruction_grounding": "none",
+    }
+    ours = replace(student.config, sampler=earlier.config.sampler, **unread)
+    theirs = replace(earlier.config, **unread)
     if ours != theirs:
         differing = [f.name for f in fields(ours) if getattr(ours, f.name) != getattr(theirs, f.name)]
         raise UserError(

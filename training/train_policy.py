@@ -29,6 +29,7 @@ from dreamrt.errors import UserError, choose
 from dreamrt.jobs import JobResult
 from dreamrt.policies.encoders import ObsEncoderConfig
 from dreamrt.policies.schedulers import NoiseScheduleConfig, SamplerConfig
+from dreamrt.training.label_tasks import instruction_task_labels
 from dreamrt.training.language_augment import LanguageAugmentConfig, paraphrase_mixer
 from dreamrt.training.trainer import TrainerConfig, TrainResult
 
@@ -197,7 +198,7 @@ def train(
             {**theirs, "features": {**fresh["features"], **theirs.get("features", {})}}
         )
 
-    table, fingerprint, instructions = None, "", []
+    table, fingerprint, instructions, instruction_tasks = None, "", [], []
     if enc.use_language:
         from dreamrt.policies.language import SentenceEncoder, SentenceEncoderConfig
 
@@ -205,6 +206,13 @@ def train(
         sentences = SentenceEncoder(SentenceEncoderConfig(cache_file=cfg.language_cache))
         table = sentences.encode(instructions)  # (N, 384), rows in task_index order
         fingerprint = sentences.fingerprint
+        if cfg.language_augment.group_key in store.keys:  # which task each row names: for grounding
+            try:
+                instruction_tasks = instruction_task_labels(
+                    store, instructions, cfg.language_augment.group_key
+                )
+            except UserError as error:  # a store whose instructions span tasks: no grounding, still trainable
+                print(f"instruction grounding will be unavailable: {error}")
 
     seed_everything(cfg.trainer.seed)  # the initial weights
     policy = build_policy(
@@ -213,6 +221,7 @@ def train(
         action_dim=action_dim,
         rate_hz=float(store.fps),
         instructions=instructions,
+        instruction_tasks=instruction_tasks,
         instruction_embeddings=table,
         language_fingerprint=fingerprint,
     )
@@ -267,6 +276,7 @@ def build_policy(
     action_dim: int,
     rate_hz: float,
     instructions: list[str],
+    instruction_tasks: list[int] | None = None,
     instruction_embeddings: Any = None,
     language_fingerprint: str = "",
 ) -> Any:
@@ -297,6 +307,9 @@ def build_policy(
         rate_hz=rate_hz,
         action_mode=pm.action_mode,
         instructions=instructions,
+        instruction_tasks=list(instruction_tasks or []),
+        # With labels, read unseen wordings as a known task (docs/training.md, "Instruction grounding").
+        instruction_grounding="task" if instruction_tasks else "none",
         language_fingerprint=language_fingerprint,
     )
     return build_diffusion_policy(policy_cfg, normalizer, instruction_embeddings=instruction_embeddings)
