@@ -629,10 +629,11 @@ class DiffusionPolicy(nn.Module):
             "sampler_steps": getattr(self.sampler, "num_steps", None),
             "latency_s": time.perf_counter() - start,
         }
-        grounding = self.groundings.get(normalize_instruction(observation.get(TASK_KEY) or ""))
-        if grounding is not None:  # what an unseen wording was read as, for the operator's logs
-            info["instruction_grounded_as"] = self.config.instructions[grounding.row]
-            info["instruction_grounding_confidence"] = grounding.confidence
+        if self.groundings:  # what an unseen wording was read as, for the operator's logs
+            grounding = self.groundings.get(normalize_instruction(observation.get(TASK_KEY) or ""))
+            if grounding is not None:
+                info["instruction_grounded_as"] = self.config.instructions[grounding.row]
+                info["instruction_grounding_confidence"] = grounding.confidence
         return ActionChunk(actions=chunk, info=info)
 
 

@@ -53,10 +53,7 @@ class InstructionGrounder:
     """``grounder(embeddings (B, 384)) -> list[Grounding]`` over an instruction table."""
 
     def __init__(self, table: Tensor, tasks: list[int] | np.ndarray):
-        # Built lazily while the policy acts, i.e. under inference_mode, whose tensors autograd
-        # refuses: the table is copied and the classifier fitted outside it.
-        with torch.inference_mode(False):
-            table = F.normalize(torch.as_tensor(table, dtype=torch.float32).detach().cpu().clone(), dim=-1)
+        table = F.normalize(torch.as_tensor(table, dtype=torch.float32).detach().cpu(), dim=-1)
         labels = np.asarray(tasks, dtype=np.int64).reshape(-1)
         if table.ndim != 2 or len(labels) != table.shape[0]:
             raise UserError(
@@ -85,8 +82,10 @@ class InstructionGrounder:
 
 def _fit_linear_classifier(x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """Multinomial logistic regression, full batch, zero start: deterministic for a given table."""
+    # Built lazily while the policy acts, i.e. under inference_mode, whose tensors autograd
+    # refuses: the fit runs outside it on copies.
     with torch.inference_mode(False), torch.enable_grad():
-        x, y = x.clone(), y.clone()  # normal tensors, whatever mode the caller's were made in
+        x, y = x.clone(), y.clone()
         weight = torch.zeros(x.shape[1], num_classes, requires_grad=True)
         bias = torch.zeros(num_classes, requires_grad=True)
         optimizer = torch.optim.Adam([weight, bias], lr=_LR, weight_decay=_WEIGHT_DECAY)
