@@ -172,6 +172,49 @@ def test_a_chain_under_the_loop_matches_the_rollout_driver_for_the_expert():
     assert {o.num_success for o in expected.values()} != {5}  # at 45 steps not every subtask makes it
 
 
+def test_a_chunking_policy_under_the_sync_loop_matches_the_rollout_driver(tiny_state_checkpoint):
+    """A DP-T with an observation history (To 2) and chunks of 4, run by the sync loop in virtual time,
+    takes exactly the steps `dreamrt eval`'s driver takes: same history, same chunks, same actions.
+
+    The robot's final state is compared bit for bit, so one action out of place (a chunk started one
+    step late, a history that skips a step) fails the test."""
+    import numpy as np
+
+    from dreamrt.policies.diffusion_policy import load_diffusion_policy
+    from dreamrt.runtime.chains import chain_robot, run_chain
+    from dreamrt.runtime.clock import VirtualClock
+    from dreamrt.sim import protocol
+    from dreamrt.sim.env import EnvConfig
+    from dreamrt.sim.evaluate import chain_specs
+    from dreamrt.sim.rollout import ChainEnv, run_episodes
+
+    ticks = 21  # not a multiple of the chunk length: the last chunk is cut short
+    specs = chain_specs(protocol.generate_chains(2, 3), 3, films=0)
+    env_cfg = EnvConfig(cameras=False)
+    policy = load_diffusion_policy(tiny_state_checkpoint)
+    assert policy.spec.n_obs_steps == 2 and policy.spec.horizon == 4
+    expected = run_episodes(specs, [policy], env_cfg, num_workers=0, max_steps_per_subtask=ticks)
+    expected = {o.spec.index: o for o in expected}
+    env = ChainEnv(env_cfg, max_steps_per_subtask=ticks)
+    # Inference charged no simulated time: a sync loop charged the measured compute would skip the
+    # ticks of any call slower than a period (on a loaded machine), and the robot stands still on those.
+    loop = LoopConfig(
+        max_ticks=ticks, mode="virtual", virtual_latency_s=0.0, scheduler=SchedulerConfig(strategy="sync")
+    )
+    try:
+        robot = chain_robot(env, VirtualClock())
+        for spec in specs:
+            run = run_chain(spec, robot, load_diffusion_policy(tiny_state_checkpoint), loop)
+            want = expected[spec.index]
+            assert (run.num_success, run.env_steps) == (want.num_success, want.steps), spec.index
+            obs = robot.observe()
+            np.testing.assert_array_equal(obs["observation.state"], want.final_robot_state)
+            np.testing.assert_array_equal(obs["observation.environment_state"], want.final_env_state)
+            assert run.reports[0].inferences == -(-ticks // 4)  # a chunk every 4 steps, none skipped
+    finally:
+        env.close()
+
+
 def test_the_demo_command_runs_this_job(capsys):
     from dreamrt.cli.main import main
 
