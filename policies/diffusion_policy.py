@@ -423,7 +423,7 @@ class DiffusionPolicy(nn.Module):
         if self.config.instruction_grounding == "none":
             return embeddings
         unseen = [i for i, r in enumerate(rows) if r is None]
-        for i, grounding in zip(unseen, self._ground(embeddings[unseen])):
+        for i, grounding in zip(unseen, self._ground(embeddings[unseen], [texts[i] for i in unseen])):
             self.groundings[keys[i]] = grounding
             rows[i] = grounding.row
             level = logging.WARNING if grounding.confidence < LOW_GROUNDING_CONFIDENCE else logging.INFO
@@ -436,10 +436,15 @@ class DiffusionPolicy(nn.Module):
             )
         return self.instruction_embeddings[torch.tensor(rows, device=self.device)]
 
-    def _ground(self, embeddings: Tensor) -> list[Grounding]:
+    def _ground(self, embeddings: Tensor, texts: list[str]) -> list[Grounding]:
+        encoder = self._sentence_encoder()
         if self._grounder is None:
-            self._grounder = InstructionGrounder(self.instruction_embeddings, self.config.instruction_tasks)
-        return self._grounder(embeddings)
+            self._grounder = InstructionGrounder(
+                self.instruction_embeddings,
+                self.config.instruction_tasks,
+                encoder.word_features(self.config.instructions),
+            )
+        return self._grounder(embeddings, encoder.word_features(texts))
 
     def _sentence_encoder(self) -> SentenceEncoder:
         encoder = self.encoder.sentence_encoder

@@ -134,10 +134,13 @@ class _MiniLM(nn.Module):
             for _ in range(cfg["num_hidden_layers"])
         )
 
-    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:  # ids, mask: (B, L) -> (B, D)
+    def embed_tokens(self, ids: Tensor) -> Tensor:  # (B, L) -> (B, L, D): before any attention
         positions = torch.arange(ids.shape[1], device=ids.device)
-        x = self.word(ids) + self.position(positions) + self.token_type.weight[0]  # single-segment input
-        x = self.embed_norm(x)
+        segment = self.token_type.weight[0]  # single-segment input
+        return self.embed_norm(self.word(ids) + self.position(positions) + segment)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:  # ids, mask: (B, L) -> (B, D)
+        x = self.embed_tokens(ids)
         key_mask = mask[:, None, None, :].bool()  # (B, 1, 1, L): padding keys are never attended
         for layer in self.layers:
             x = layer(x, key_mask)
@@ -301,6 +304,31 @@ class SentenceEncoder:
                 if self.config.cache_file:
                     self._write_disk_cache(new, rows)
             return torch.stack([self._cache[k] for k in keys])
+
+    def word_features(self, texts: Sequence[str]) -> Tensor:
+        """(B,) strings -> (B, 384): the mean of each string's token embeddings before attention.
+
+        The sentence embedding mixes every word with its context, and in MiniLM that context can
+        outweigh a word: "take the red block and rotate it to the left" embeds nearer "rotate the
+        red block to the right" than "... to the left". These features keep each word as itself
+        (MiniLM's embedding layer: word, position and segment embeddings, LayerNorm) and cost no
+        transformer pass. Not cached; not L2-normalised.
+        """
+        if isinstance(texts, str):
+            raise UserError(
+                f"SentenceEncoder.word_features takes a list of strings, got one string {texts!r}."
+            )
+        keys = [normalize_instruction(t) for t in texts]
+        if not keys:
+            return torch.empty(0, EMBED_DIM)
+        with self._lock:
+            loaded = self._model()
+        with torch.no_grad():
+            rows = [
+                loaded.model.embed_tokens(torch.tensor([loaded.tokenizer.encode(k).ids]))[0].mean(0)
+                for k in keys
+            ]
+        return torch.stack(rows)
 
     def add_embeddings(self, embeddings: Mapping[str, Tensor], fingerprint: str | None = None) -> None:
         """Seed the cache, e.g. with :func:`load_embeddings` of a checkpoint's instructions."""
