@@ -61,6 +61,14 @@ def normalize_instruction(text: str) -> str:
     return " ".join(text.split())
 
 
+def _instruction_keys(texts: Sequence[str], method: str) -> list[str]:
+    if isinstance(texts, str):
+        raise UserError(
+            f"SentenceEncoder.{method} takes a list of strings, got one string {texts!r}. Wrap it: [{texts!r}]."
+        )
+    return [normalize_instruction(t) for t in texts]
+
+
 def _hash_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
@@ -287,11 +295,7 @@ class SentenceEncoder:
 
     def encode(self, texts: Sequence[str]) -> Tensor:
         """Embed instructions: (B,) strings -> (B, 384) float32, from the caches where possible."""
-        if isinstance(texts, str):
-            raise UserError(
-                f"SentenceEncoder.encode takes a list of strings, got one string {texts!r}. Wrap it: [{texts!r}]."
-            )
-        keys = [normalize_instruction(t) for t in texts]
+        keys = _instruction_keys(texts, "encode")
         if not keys:
             return torch.empty(0, EMBED_DIM)
         with self._lock:
@@ -314,11 +318,7 @@ class SentenceEncoder:
         (MiniLM's embedding layer: word, position and segment embeddings, LayerNorm) and cost no
         transformer pass. Not cached; not L2-normalised.
         """
-        if isinstance(texts, str):
-            raise UserError(
-                f"SentenceEncoder.word_features takes a list of strings, got one string {texts!r}."
-            )
-        keys = [normalize_instruction(t) for t in texts]
+        keys = _instruction_keys(texts, "word_features")
         if not keys:
             return torch.empty(0, EMBED_DIM)
         with self._lock:
