@@ -12,9 +12,10 @@ Grounding instead fits a linear classifier to task on the table's own rows (each
 with its task, ``DiffusionPolicyConfig.instruction_tasks``), which learns which directions
 separate the tasks, then hands the network the embedding of the predicted task's nearest
 paraphrase: a point it was trained at. The classifier reads two views of each wording, each
-centred on the table's mean and scaled to unit length (the word view to 0.75): the sentence embedding, and the mean of
-its words' embeddings before attention (``SentenceEncoder.word_features``), which keeps "left"
-apart from "right" where the sentence embedding lets the context outweigh them. Only the table
+centred on the table's mean and scaled to unit length (the word view to 0.75): the sentence
+embedding, and the mean of its words' embeddings before attention
+(``SentenceEncoder.word_features``), which keeps "left" apart from "right" where the sentence
+embedding lets the context outweigh them. Only the table
 is used to fit it, so a held-out instruction stays held out. Fitting is full-batch and starts
 from zeros, so the same table always gives the same classifier.
 """
