@@ -1,7 +1,7 @@
 """`dreamrt eval`: CALVIN's long-horizon evaluation of a policy in the CALVIN-style scene.
 
     dreamrt eval [policy=expert|random | policy.path=CKPT] [num_chains=1000] [num_workers=2]
-                 [env.scene=D] [videos=3] [video_format=gif|mp4] [--json PATH]
+                 [env.scene=D] [videos=3] [video_format=gif|mp4] [resume=true] [--json PATH] [--out DIR]
 
 The protocol (``docs/calvin_protocol.md``, ``docs/evaluation.md``): ``num_chains`` chains from
 ``protocol.generate_chains(num_chains, seed)``; each chain resets the scene once into its
@@ -13,9 +13,11 @@ at the first failure. Rollouts run in ``num_workers`` processes (:mod:`dreamrt.s
 Writes into the run directory: ``results.json`` (the summary below), ``per_task.png`` and
 ``videos/chain_<i>.<fmt>`` for the first ``videos`` chains. The summary is
 :func:`dreamrt.sim.protocol.summarize`'s dict (avg_len, sr, per_task, num_chains, chains) plus
-``failures``, ``wall_time_s``, ``env_steps``, ``steps_per_s``, ``interrupted`` and
-``artifacts``. Ctrl-C stops the rollouts and writes the chains that finished
-(``interrupted: true``, exit code 130).
+``failures``, ``wall_time_s``, ``env_steps``, ``steps_per_s``, ``interrupted``,
+``resumed_episodes`` and ``artifacts``; and ``episodes.jsonl``, each finished episode as it ends
+(:mod:`dreamrt.sim.eval_log`). Ctrl-C or SIGTERM stops the rollouts and writes the chains that
+finished (``interrupted: true``, exit code 130); ``resume=true`` with the same ``--out DIR``
+runs the rest.
 
 ``failures`` (:func:`summarize_failures`) says how subtasks failed: while a subtask runs, the
 other 33 tasks are checked too, so a failure either achieved another task (the policy
@@ -26,7 +28,10 @@ for the right thing and fumbled it, or did nothing the task list recognises).
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,7 @@ from dreamrt.errors import UserError, choose
 from dreamrt.jobs import JobResult
 from dreamrt.policies.factory import PolicyConfig
 from dreamrt.sim.env import CONTROL_HZ, EnvConfig
+from dreamrt.sim.eval_log import EpisodeLog, FinishedEpisode, open_episode_log
 
 EXIT_INTERRUPTED = 130
 EVAL_MODES = ("chains", "tasks")
@@ -70,6 +76,9 @@ class EvalConfig:
     video_width: int = 288  # pixels; the static camera image is upscaled to this
     video_stride: int = 2  # keep every n-th control step in videos (played back at 30 Hz / n)
     progress: bool = True  # tqdm bar over chains
+    # Continue the interrupted evaluation in --out DIR: its finished episodes are read from
+    # DIR/episodes.jsonl and only the others run (the settings must be the same; sim/eval_log.py).
+    resume: bool = False
 
     def __post_init__(self) -> None:
         from dreamrt.sim.video import check_video_format
@@ -226,17 +235,35 @@ def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], boo
         specs = [replace(s, film=n < films) for n, s in enumerate(specs)]
     policies = build_policies(cfg.policy, cfg.env, max(1, cfg.num_workers))
     env_cfg = resolve_env_config(cfg.env, cfg.cameras, policies[0])
-
-    results: dict[int, tuple[tuple[str, ...], int]] = {}
-    instead: dict[int, tuple[str, ...]] = {}  # episode -> other tasks done during its failed subtask
+    log = _episode_log(cfg, out_dir, specs)
+    finished = log.finished if log is not None else {}
+    results: dict[int, tuple[tuple[str, ...], int]] = {
+        i: (e.tasks, e.num_success) for i, e in finished.items()
+    }
+    # episode -> other tasks done during its failed subtask
+    instead: dict[int, tuple[str, ...]] = {i: e.other_tasks for i, e in finished.items()}
     videos: dict[int, list] = {}
-    steps = 0
-    bar = tqdm(total=len(specs), unit="episode", desc="eval", disable=not cfg.progress)
+    earlier_steps = sum(e.steps for e in finished.values())
+    steps = earlier_steps
+    specs = [s for s in specs if s.index not in finished]
+    bar = tqdm(
+        total=len(specs) + len(finished),
+        initial=len(finished),
+        unit="episode",
+        desc="eval",
+        disable=not cfg.progress,
+    )
 
     def on_outcome(outcome) -> None:
         i = outcome.spec.index
         results[i] = (outcome.spec.tasks, outcome.num_success)
         instead[i] = outcome.other_tasks_of_failure
+        if log is not None:
+            log.append(
+                FinishedEpisode(
+                    i, outcome.spec.tasks, outcome.num_success, outcome.other_tasks_of_failure, outcome.steps
+                )
+            )
         if outcome.video is not None:
             videos[i] = outcome.video
         bar.update(1)
@@ -250,21 +277,24 @@ def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], boo
     interrupted = False
     start = time.perf_counter()
     try:
-        run_episodes(
-            specs,
-            policies,
-            env_cfg,
-            num_workers=cfg.num_workers,
-            max_steps_per_subtask=cfg.max_steps_per_subtask,
-            video=films > 0,
-            watch_other_tasks=True,
-            on_outcome=on_outcome,
-            on_step=on_step,
-        )
+        with _sigterm_as_interrupt():
+            run_episodes(  # nothing left when a finished evaluation is resumed: it only writes its results
+                specs,
+                policies,
+                env_cfg,
+                num_workers=cfg.num_workers,
+                max_steps_per_subtask=cfg.max_steps_per_subtask,
+                video=any(s.film for s in specs),
+                watch_other_tasks=True,
+                on_outcome=on_outcome,
+                on_step=on_step,
+            )
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
+        if log is not None:
+            log.close()
     wall = time.perf_counter() - start
 
     if not results:
@@ -274,6 +304,9 @@ def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], boo
         ordered = [results[i] for i in sorted(results)]
         if cfg.mode == "chains":
             summary = protocol.summarize([protocol.ChainResult(tasks, done) for tasks, done in ordered])
+            # The chain's index in generate_chains order: runs that stopped early pair up by it.
+            for index, chain in zip(sorted(results), summary["chains"]):
+                chain["index"] = index
         else:
             summary = summarize_tasks(ordered)
         summary["failures"] = summarize_failures(
@@ -283,12 +316,48 @@ def evaluate(cfg: EvalConfig, out_dir: Path | None) -> tuple[dict[str, Any], boo
         instructions=cfg.instructions,
         wall_time_s=wall,
         env_steps=steps,
-        steps_per_s=steps / wall if wall > 0 else 0.0,
+        steps_per_s=(steps - earlier_steps) / wall if wall > 0 else 0.0,  # this run's
         interrupted=interrupted,
+        resumed_episodes=len(finished),
     )
     if out_dir is not None:
         summary["artifacts"] = write_artifacts(cfg, summary, videos, Path(out_dir))
     return summary, interrupted
+
+
+def _episode_log(cfg: EvalConfig, out_dir: Path | None, specs: list) -> EpisodeLog | None:
+    """The run directory's episode log (None without one), its finished episodes checked against ``specs``."""
+    if out_dir is None:
+        if cfg.resume:
+            raise UserError("resume=true continues the evaluation in --out DIR; pass that directory.")
+        return None
+    log = open_episode_log(Path(out_dir), cfg, cfg.resume)
+    by_index = {s.index: s for s in specs}
+    for i, episode in log.finished.items():
+        if i not in by_index or by_index[i].tasks != episode.tasks:
+            log.close()
+            raise UserError(
+                f"{log.path} names episode {i} with tasks {list(episode.tasks)}, which this evaluation does not have "
+                "(it was written by another version of dreamrt's protocol); it cannot be resumed."
+            )
+    return log
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``, a job scheduler, ``timeout``) stops the rollouts the way Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def summarize_tasks(results: list[tuple[tuple[str, ...], int]]) -> dict[str, Any]:

@@ -378,3 +378,78 @@ def test_instructions_train_tells_training_paraphrases_on_the_same_episodes(tmp_
     assert "not CALVIN's protocol" in format_summary(summary)
     with pytest.raises(UserError, match="instructions"):
         EvalConfig(instructions="test")
+
+
+# ---------------------------------------------------------------------------- interrupt and resume
+
+
+def _random_eval(**kwargs) -> EvalConfig:
+    base = dict(
+        policy=PolicyConfig(name="random"), num_chains=10, max_steps_per_subtask=150, videos=0, progress=False
+    )
+    return EvalConfig(**{**base, **kwargs})
+
+
+def _episode_lines(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "episodes.jsonl").read_text().splitlines()[1:]]
+
+
+def test_sigterm_stops_an_evaluation_and_resume_finishes_it_as_one_run_would(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    straight = run(_random_eval(num_workers=0), tmp_path / "straight").summary
+
+    stopped = tmp_path / "stopped"
+    args = ["eval", "policy=random", "num_chains=10", "max_steps_per_subtask=150", "videos=0", "progress=false",
+            "num_workers=2", "--out", str(stopped)]  # fmt: skip
+    script = f"import sys; from dreamrt.cli.main import main; sys.exit(main({args!r}))"
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = stopped / "episodes.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:  # the header and two episodes
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err.decode()[-2000:]
+    partial = json.loads((stopped / "results.json").read_text())
+    assert partial["interrupted"] and 2 <= partial["num_chains"] < 10
+    assert not multiprocessing.active_children()
+    # The chains that finished carry their index, so a stopped run pairs up with a whole one.
+    by_index = {c["index"]: c for c in straight["chains"]}
+    assert all(c == by_index[c["index"]] for c in partial["chains"])
+
+    with pytest.raises(UserError, match="already holds an evaluation"):
+        run(_random_eval(num_workers=0), stopped)
+    with pytest.raises(UserError, match=r"seed: 0 then, 1 now"):
+        run(_random_eval(num_workers=0, seed=1, resume=True), stopped)
+    resumed = run(_random_eval(num_workers=0, resume=True), stopped).summary  # workers may change
+    assert resumed["resumed_episodes"] == partial["num_chains"]
+    for key in ("chains", "avg_len", "sr", "per_task", "failures", "env_steps"):
+        assert resumed[key] == straight[key], key
+    assert sorted(e["index"] for e in _episode_lines(stopped)) == list(range(10))  # none ran twice
+
+
+def test_resume_reads_what_a_killed_run_left_and_refuses_what_it_cannot_use(tmp_path):
+    whole = run(_random_eval(num_chains=4, num_workers=0), tmp_path / "whole").summary
+    # A run killed mid-write: the header, two episodes, and half of a third line.
+    lines = (tmp_path / "whole" / "episodes.jsonl").read_text().splitlines(keepends=True)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "episodes.jsonl").write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    resumed = run(_random_eval(num_chains=4, num_workers=0, resume=True), killed).summary
+    assert resumed["resumed_episodes"] == 2 and resumed["chains"] == whole["chains"]
+    assert [e["index"] for e in _episode_lines(killed)] == [0, 1, 2, 3]
+
+    with pytest.raises(UserError, match="has none"):
+        run(_random_eval(num_chains=4, num_workers=0, resume=True), tmp_path / "empty")
+    with pytest.raises(UserError, match="--out DIR"):
+        run(_random_eval(num_chains=4, num_workers=0, resume=True), None)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "episodes.jsonl").write_text("index,success\n0,1\n")
+    with pytest.raises(UserError, match="not an episode log"):
+        run(_random_eval(num_chains=4, num_workers=0, resume=True), tmp_path / "foreign")
