@@ -486,7 +486,7 @@ class DiffusionPolicy(nn.Module):
             features = self.encode_observations(obs)  # (B, To, O)
             b = features.shape[0]
             shape = (b, self.config.horizon, self.config.action_dim)
-            x_T = torch.randn(shape, generator=generator, device=self.device, dtype=features.dtype)
+            x_T = self._initial_noise(shape, generator, features.dtype)
 
             if self.denoiser_factory is not None:
                 denoise = self.denoiser_factory(features)
@@ -499,6 +499,12 @@ class DiffusionPolicy(nn.Module):
             return self.norms[_module_key(self.config.action_key)].unnormalize(x0)
         finally:
             self.train(was_training)
+
+    def _initial_noise(self, shape: tuple[int, ...], generator: torch.Generator | None, dtype) -> Tensor:
+        """x_T for the sampler, scaled by the sampler config's ``noise_scale`` (its temperature)."""
+        x_T = torch.randn(shape, generator=generator, device=self.device, dtype=dtype)
+        scale = self.sampler_config.noise_scale if self.sampler_config is not None else 1.0
+        return x_T if scale == 1.0 else x_T * scale
 
     def predict_actions_guided(
         self,
@@ -518,7 +524,7 @@ class DiffusionPolicy(nn.Module):
             with torch.no_grad():
                 features = self.encode_observations(obs)  # (B, To, O)
             shape = (features.shape[0], self.config.horizon, self.config.action_dim)
-            x_T = torch.randn(shape, generator=generator, device=self.device, dtype=features.dtype)
+            x_T = self._initial_noise(shape, generator, features.dtype)
 
             def denoise(x: Tensor, t: int) -> Tensor:
                 return self.model(x, torch.tensor(t, device=x.device), features)

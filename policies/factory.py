@@ -7,6 +7,9 @@ defaults load the checkpoint exactly as saved:
   alone changes the checkpoint's own sampler's step count; a sampler other than the
   checkpoint's starts from its defaults (DDPM: every training step, DDIM: 10, consistency:
   1). ``consistency`` needs a consistency-distilled student (``dreamrt distill``).
+- ``noise_scale``: the sampler's temperature, x_T = noise_scale * N(0, I) (0..1; null: the
+  checkpoint's, 1 unless saved otherwise). Below 1 leans toward the modes of the learned action
+  distribution; 0 makes DDIM (eta 0) and the consistency student deterministic.
 - ``cache`` (none | bac | uniform) and ``cache_updates``: BAC caching of the denoiser's
   sub-blocks. ``bac`` reads ``bac_schedule.json`` beside the checkpoint (``dreamrt bac
   calibrate ... copy_to_checkpoint=true`` writes it; it must be for this sampler);
@@ -63,6 +66,7 @@ class PolicyConfig:
     steps: int | None = (
         None  # sampler steps; null: the checkpoint's (its own sampler) or the sampler's default
     )
+    noise_scale: float | None = None  # x_T = noise_scale * N(0, I), 0..1; null: the checkpoint's (1)
     cache: str = "none"  # none | bac (bac_schedule.json beside the checkpoint) | uniform
     cache_updates: int | None = None  # update steps per block: uniform's budget (null: 10); bac: checked
     backend: str = "torch"  # torch | onnxruntime (exports <checkpoint>/onnx on first use)
@@ -83,6 +87,14 @@ class PolicyConfig:
             from dreamrt.policies.grounding import GROUNDING_MODES
 
             choose("policy.grounding", self.grounding, GROUNDING_MODES)
+        if self.noise_scale is not None and not (
+            isinstance(self.noise_scale, int | float)
+            and not isinstance(self.noise_scale, bool)
+            and 0.0 <= self.noise_scale <= 1.0
+        ):
+            raise UserError(
+                f"policy.noise_scale must be in [0, 1] or null (1: the learned distribution), got {self.noise_scale!r}."
+            )
         for name in ("steps", "cache_updates", "n_action_steps", "threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -104,6 +116,7 @@ class PolicyConfig:
         names = (
             "sampler",
             "steps",
+            "noise_scale",
             "cache",
             "cache_updates",
             "backend",
@@ -187,11 +200,17 @@ def is_consistency_student(checkpoint_dir: str | Path) -> bool:
     return saved_sampler(checkpoint_dir).get("name") == CONSISTENCY
 
 
-def sampler_config(saved: dict[str, Any], sampler: str | None, steps: int | None, checkpoint_dir: Path):
+def sampler_config(
+    saved: dict[str, Any],
+    sampler: str | None,
+    steps: int | None,
+    checkpoint_dir: Path,
+    noise_scale: float | None = None,
+):
     """The SamplerConfig the options ask for, or None to keep the checkpoint's."""
     from dreamrt.policies.schedulers import SamplerConfig
 
-    if sampler is None and steps is None:
+    if sampler is None and steps is None and noise_scale is None:
         return None
     saved_name = saved.get("name", SamplerConfig.name)
     name = sampler or saved_name
@@ -207,6 +226,10 @@ def sampler_config(saved: dict[str, Any], sampler: str | None, steps: int | None
         base["num_steps"] = steps if steps is not None else saved.get("num_steps")
     else:
         base = {"num_steps": steps if steps is not None else DEFAULT_STEPS[name]}
+        if "noise_scale" in saved:
+            base["noise_scale"] = saved["noise_scale"]
+    if noise_scale is not None:
+        base["noise_scale"] = float(noise_scale)
     return SamplerConfig(**{**base, "name": name})
 
 
@@ -215,7 +238,9 @@ def _load_diffusion_policy(
 ) -> DiffusionPolicy:
     from dreamrt.policies.diffusion_policy import load_diffusion_policy
 
-    sampler = sampler_config(saved_sampler(checkpoint_dir), cfg.sampler, cfg.steps, checkpoint_dir)
+    sampler = sampler_config(
+        saved_sampler(checkpoint_dir), cfg.sampler, cfg.steps, checkpoint_dir, cfg.noise_scale
+    )
     policy = load_diffusion_policy(
         checkpoint_dir,
         sampler=sampler,

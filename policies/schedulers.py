@@ -367,6 +367,10 @@ class SamplerConfig:
     num_steps: int | None = 10  # None: every training timestep (consistency: 1)
     eta: float = 0.0  # DDIM only
     spacing: str = "leading"  # DDIM only: "leading" (Diffusion Policy) or "trailing"
+    # Temperature of the starting noise: x_T = noise_scale * N(0, I). 1 samples the learned
+    # distribution; lower values lean toward its modes, and 0 starts every sample from the
+    # same point (then DDIM with eta 0 and a consistency student act deterministically).
+    noise_scale: float = 1.0
 
     def __post_init__(self) -> None:
         choose("sampler", self.name, SAMPLERS)
@@ -377,6 +381,11 @@ class SamplerConfig:
             )
         if not 0.0 <= self.eta <= 1.0:
             raise UserError(f"SamplerConfig.eta must be in [0, 1], got {self.eta!r}.")
+        if not (isinstance(self.noise_scale, int | float) and 0.0 <= self.noise_scale <= 1.0):
+            raise UserError(
+                f"SamplerConfig.noise_scale must be in [0, 1] (1: the learned distribution, 0: its centre), "
+                f"got {self.noise_scale!r}."
+            )
 
 
 SAMPLERS = ("ddpm", "ddim", "consistency")

@@ -77,6 +77,7 @@ class SamplerSection:
     num_steps: int | None = SamplerConfig.num_steps
     eta: float = SamplerConfig.eta
     spacing: str = SamplerConfig.spacing
+    noise_scale: float = SamplerConfig.noise_scale
 
     def build(self) -> SamplerConfig:
         return SamplerConfig(**vars(self))

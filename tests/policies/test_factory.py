@@ -212,6 +212,27 @@ def test_onnxruntime_backend_exports_on_first_use_and_matches_torch(ddim_ckpt, t
     np.testing.assert_allclose(chunk(cached), chunk(torch_cached), atol=1e-4)
 
 
+def test_noise_scale_option_is_the_samplers_temperature(ddim_ckpt, tmp_path):
+    path = str(ddim_ckpt)
+    saved = load_policy(path, PolicyConfig(path=path))
+    cold = load_policy(path, PolicyConfig(path=path, noise_scale=0.0))
+    assert cold.sampler_config == SamplerConfig(name="ddim", num_steps=6, eta=0.5, noise_scale=0.0)
+    # The step noise of eta 0.5 still varies with the seed; eta 0 with no starting noise does not.
+    assert not np.array_equal(chunk(cold, seed=1), chunk(cold, seed=2))
+    frozen = load_policy(path, PolicyConfig(path=path, steps=6, noise_scale=0.0))
+    frozen.set_sampler(SamplerConfig(name="ddim", num_steps=6, eta=0.0, noise_scale=0.0))
+    np.testing.assert_array_equal(chunk(frozen, seed=1), chunk(frozen, seed=2))
+    # Scale 1 is the checkpoint's own sampling, noise for noise.
+    np.testing.assert_array_equal(
+        chunk(load_policy(path, PolicyConfig(path=path, noise_scale=1.0))), chunk(saved)
+    )
+    # A checkpoint saved with a temperature keeps it, and the option overrides it.
+    warm = str(save_policy(tmp_path / "warm", SamplerConfig(name="ddim", num_steps=6, noise_scale=0.5)))
+    assert load_policy(warm, PolicyConfig(path=warm)).sampler_config.noise_scale == 0.5
+    assert load_policy(warm, PolicyConfig(path=warm, sampler="ddpm")).sampler_config.noise_scale == 0.5
+    assert load_policy(warm, PolicyConfig(path=warm, noise_scale=1.0)).sampler_config.noise_scale == 1.0
+
+
 def test_threads_option_sets_torchs_pool(ddim_ckpt):
     torch.set_num_threads(2)
     load_policy(str(ddim_ckpt), PolicyConfig(path=str(ddim_ckpt), threads=1))
@@ -243,6 +264,8 @@ def test_n_action_steps_option_executes_a_prefix_of_the_same_prediction(ddim_ckp
         ({"threads": -1}, "policy.threads"),
         ({"cache_updates": 5}, "needs a cache"),
         ({"n_action_steps": 0}, "policy.n_action_steps must be a positive integer"),
+        ({"noise_scale": 1.5}, r"policy.noise_scale must be in \[0, 1\]"),
+        ({"noise_scale": -0.1}, r"policy.noise_scale must be in \[0, 1\]"),
     ],
 )
 def test_misspelt_or_impossible_options_are_user_errors(kwargs, message):

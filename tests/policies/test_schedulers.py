@@ -214,3 +214,5 @@ def test_make_sampler(schedule):
         SamplerConfig(name="ddim_")
     with pytest.raises(UserError, match="num_steps"):
         SamplerConfig(num_steps=0)
+    with pytest.raises(UserError, match="noise_scale"):
+        SamplerConfig(noise_scale=2.0)
