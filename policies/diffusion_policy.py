@@ -232,6 +232,7 @@ class DiffusionPolicy(nn.Module):
         self.schedule = NoiseSchedule(config.noise)
         self._sampler = make_sampler(self.schedule, config.sampler)
         self.sampler_config: SamplerConfig | None = config.sampler  # None once a custom sampler is assigned
+        self._task_scales = self._task_noise_scales(config.sampler)
         keys = [*config.lowdim_keys, config.action_key]
         missing = [k for k in keys if k not in normalizer.keys]
         if missing:
@@ -306,11 +307,50 @@ class DiffusionPolicy(nn.Module):
             )
         self._sampler = sampler
         self.sampler_config = None  # a custom object: checkpoints keep the config the policy was built with
+        self._task_scales = {}  # and its temperature is the noise it is given
 
     def set_sampler(self, config: SamplerConfig) -> None:
         """Replace the inference sampler (e.g. DDPM-100 for evaluation, DDIM-8 for deployment)."""
+        task_scales = self._task_noise_scales(config)
         self.sampler = make_sampler(self.schedule, config)
         self.sampler_config = config
+        self._task_scales = task_scales
+
+    def _task_noise_scales(self, config: SamplerConfig) -> dict[int, float]:
+        """``config.task_noise_scale`` keyed by the task labels of the instruction table."""
+        if not config.task_noise_scale:
+            return {}
+        if not self.config.instruction_tasks:
+            raise UserError(
+                "A temperature per task (sampler task_noise_scale) needs the task of each instruction row, and this "
+                "policy has none: label them with `dreamrt label-tasks checkpoint=CKPT`, or use noise_scale alone."
+            )
+        # The labels are indices into the sim's task list: what `dreamrt record` writes as
+        # observation.task_id and `dreamrt label-tasks` copies into the table.
+        from dreamrt.sim.tasks import task_names
+
+        names = task_names()
+        unknown = [t for t in config.task_noise_scale if t not in names]
+        if unknown:
+            raise UserError(
+                f"task_noise_scale names an unknown task '{unknown[0]}'.{did_you_mean(unknown[0], names)} "
+                f"Tasks: {', '.join(names)}."
+            )
+        return {names.index(t): scale for t, scale in config.task_noise_scale.items()}
+
+    def instruction_noise_scale(self, text: str) -> float:
+        """The sampler's temperature for ``text``: its task's ``task_noise_scale`` when it has one
+        (the task of its table row, or of the row grounding read it as), else ``noise_scale``."""
+        base = self.sampler_config.noise_scale if self.sampler_config is not None else 1.0
+        if not self._task_scales:
+            return base
+        key = normalize_instruction(text)
+        row = self._instruction_row.get(key)
+        if row is None and key in self.groundings:
+            row = self.groundings[key].row
+        if row is None:  # an unseen wording that grounding did not read: no task to go by
+            return base
+        return self._task_scales.get(self.config.instruction_tasks[row], base)
 
     # ------------------------------------------------------------------ training
 
@@ -478,15 +518,23 @@ class DiffusionPolicy(nn.Module):
     # ------------------------------------------------------------------ inference
 
     @torch.inference_mode()
-    def predict_actions(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
-        """Observation windows (B, To, ...) -> unnormalised action sequences (B, H, A) from the sampler."""
+    def predict_actions(
+        self,
+        obs: Mapping[str, Any],
+        generator: torch.Generator | None = None,
+        noise_scale: float | None = None,
+    ) -> Tensor:
+        """Observation windows (B, To, ...) -> unnormalised action sequences (B, H, A) from the sampler.
+
+        ``noise_scale`` replaces the sampler config's temperature for this call (``act`` passes
+        the instruction's, :meth:`instruction_noise_scale`)."""
         was_training = self.training
         self.eval()
         try:
             features = self.encode_observations(obs)  # (B, To, O)
             b = features.shape[0]
             shape = (b, self.config.horizon, self.config.action_dim)
-            x_T = self._initial_noise(shape, generator, features.dtype)
+            x_T = self._initial_noise(shape, generator, features.dtype, noise_scale)
 
             if self.denoiser_factory is not None:
                 denoise = self.denoiser_factory(features)
@@ -500,10 +548,13 @@ class DiffusionPolicy(nn.Module):
         finally:
             self.train(was_training)
 
-    def _initial_noise(self, shape: tuple[int, ...], generator: torch.Generator | None, dtype) -> Tensor:
-        """x_T for the sampler, scaled by the sampler config's ``noise_scale`` (its temperature)."""
+    def _initial_noise(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, dtype, scale: float | None = None
+    ) -> Tensor:
+        """x_T for the sampler, scaled by ``scale`` or else the sampler config's ``noise_scale`` (its temperature)."""
         x_T = torch.randn(shape, generator=generator, device=self.device, dtype=dtype)
-        scale = self.sampler_config.noise_scale if self.sampler_config is not None else 1.0
+        if scale is None:
+            scale = self.sampler_config.noise_scale if self.sampler_config is not None else 1.0
         return x_T if scale == 1.0 else x_T * scale
 
     def predict_actions_guided(
@@ -513,6 +564,7 @@ class DiffusionPolicy(nn.Module):
         weights: Tensor,
         generator: torch.Generator | None = None,
         max_guidance: float = 5.0,
+        noise_scale: float | None = None,
     ) -> Tensor:
         """``predict_actions`` inpainting towards ``prefix`` (H, A), normalised, with soft mask ``weights`` (H,)."""
         from dreamrt.policies.guidance import guided_sample
@@ -524,7 +576,7 @@ class DiffusionPolicy(nn.Module):
             with torch.no_grad():
                 features = self.encode_observations(obs)  # (B, To, O)
             shape = (features.shape[0], self.config.horizon, self.config.action_dim)
-            x_T = self._initial_noise(shape, generator, features.dtype)
+            x_T = self._initial_noise(shape, generator, features.dtype, noise_scale)
 
             def denoise(x: Tensor, t: int) -> Tensor:
                 return self.model(x, torch.tensor(t, device=x.device), features)
@@ -624,14 +676,21 @@ class DiffusionPolicy(nn.Module):
                     f"{sorted(observation)}."
                 )
             obs[TASK_EMBEDDING_KEY] = self.embed_instructions([observation[TASK_KEY]])
+            noise_scale = self.instruction_noise_scale(observation[TASK_KEY])
+        else:
+            noise_scale = None
         if self._generator.device != self.device:
             self.reset(None)
         first = c.n_obs_steps - 1
         if guidance is not None and np.any(np.asarray(guidance[1]) != 0):
             prefix, weights = self._guidance_in_horizon(*guidance, first)
-            actions = self.predict_actions_guided(obs, prefix, weights, generator=self._generator)[0]
+            actions = self.predict_actions_guided(
+                obs, prefix, weights, generator=self._generator, noise_scale=noise_scale
+            )[0]
         else:
-            actions = self.predict_actions(obs, generator=self._generator)[0]  # (H, A)
+            actions = self.predict_actions(obs, generator=self._generator, noise_scale=noise_scale)[
+                0
+            ]  # (H, A)
         chunk = actions[first : first + c.n_action_steps].float().cpu().numpy()  # (Ta, A)
         info = {
             "sampler": self.sampler_config.name

@@ -10,6 +10,11 @@ defaults load the checkpoint exactly as saved:
 - ``noise_scale``: the sampler's temperature, x_T = noise_scale * N(0, I) (0..1; null: the
   checkpoint's, 1 unless saved otherwise). Below 1 leans toward the modes of the learned action
   distribution; 0 makes DDIM (eta 0) and the consistency student deterministic.
+- ``task_noise_scale``: a temperature per task, ``{rotate_red_block_left: 0.5, ...}`` (task
+  names of :mod:`dreamrt.sim.tasks`); tasks not named keep ``noise_scale``. A language policy
+  applies it to the task its instruction names, which needs its rows' task labels (``dreamrt
+  label-tasks``). Entries are laid over the checkpoint's own (a task set to the base
+  temperature undoes a saved entry); null keeps the checkpoint's.
 - ``cache`` (none | bac | uniform) and ``cache_updates``: BAC caching of the denoiser's
   sub-blocks. ``bac`` reads ``bac_schedule.json`` beside the checkpoint (``dreamrt bac
   calibrate ... copy_to_checkpoint=true`` writes it; it must be for this sampler);
@@ -36,6 +41,7 @@ runtime modules, lazily) only when a checkpoint is loaded.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +73,9 @@ class PolicyConfig:
         None  # sampler steps; null: the checkpoint's (its own sampler) or the sampler's default
     )
     noise_scale: float | None = None  # x_T = noise_scale * N(0, I), 0..1; null: the checkpoint's (1)
+    # {task name: temperature}, laid over the checkpoint's; null: the checkpoint's. Typed Any so
+    # that `policy.task_noise_scale={task: 0.5}` sets it whole (Hydra will not add keys to a typed dict).
+    task_noise_scale: Any = None
     cache: str = "none"  # none | bac (bac_schedule.json beside the checkpoint) | uniform
     cache_updates: int | None = None  # update steps per block: uniform's budget (null: 10); bac: checked
     backend: str = "torch"  # torch | onnxruntime (exports <checkpoint>/onnx on first use)
@@ -95,6 +104,8 @@ class PolicyConfig:
             raise UserError(
                 f"policy.noise_scale must be in [0, 1] or null (1: the learned distribution), got {self.noise_scale!r}."
             )
+        if self.task_noise_scale is not None:
+            self.task_noise_scale = _task_temperatures(self.task_noise_scale)
         for name in ("steps", "cache_updates", "n_action_steps", "threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -117,6 +128,7 @@ class PolicyConfig:
             "sampler",
             "steps",
             "noise_scale",
+            "task_noise_scale",
             "cache",
             "cache_updates",
             "backend",
@@ -125,6 +137,28 @@ class PolicyConfig:
             "grounding",
         )
         return {n: getattr(self, n) for n in names if getattr(self, n) != defaults[n].default}
+
+
+def _task_temperatures(value: Any) -> dict[str, float]:
+    example = "policy.task_noise_scale={rotate_red_block_left: 0.5}"
+    if not isinstance(value, Mapping):
+        raise UserError(
+            f"policy.task_noise_scale maps task names to temperatures ({example}); got {value!r}."
+        )
+    out = {}
+    for task, scale in value.items():
+        if not (
+            isinstance(task, str)
+            and isinstance(scale, int | float)
+            and not isinstance(scale, bool)
+            and 0.0 <= scale <= 1.0
+        ):
+            raise UserError(
+                f"policy.task_noise_scale maps task names to temperatures in [0, 1] ({example}); "
+                f"got {task!r}: {scale!r}."
+            )
+        out[task] = float(scale)
+    return out
 
 
 def make_policy(
@@ -206,11 +240,12 @@ def sampler_config(
     steps: int | None,
     checkpoint_dir: Path,
     noise_scale: float | None = None,
+    task_noise_scale: dict[str, float] | None = None,
 ):
     """The SamplerConfig the options ask for, or None to keep the checkpoint's."""
     from dreamrt.policies.schedulers import SamplerConfig
 
-    if sampler is None and steps is None and noise_scale is None:
+    if sampler is None and steps is None and noise_scale is None and task_noise_scale is None:
         return None
     saved_name = saved.get("name", SamplerConfig.name)
     name = sampler or saved_name
@@ -226,10 +261,16 @@ def sampler_config(
         base["num_steps"] = steps if steps is not None else saved.get("num_steps")
     else:
         base = {"num_steps": steps if steps is not None else DEFAULT_STEPS[name]}
-        if "noise_scale" in saved:
-            base["noise_scale"] = saved["noise_scale"]
+        for temperature in (
+            "noise_scale",
+            "task_noise_scale",
+        ):  # a property of the policy, not of one sampler
+            if temperature in saved:
+                base[temperature] = saved[temperature]
     if noise_scale is not None:
         base["noise_scale"] = float(noise_scale)
+    if task_noise_scale is not None:
+        base["task_noise_scale"] = {**base.get("task_noise_scale", {}), **task_noise_scale}
     return SamplerConfig(**{**base, "name": name})
 
 
@@ -239,7 +280,12 @@ def _load_diffusion_policy(
     from dreamrt.policies.diffusion_policy import load_diffusion_policy
 
     sampler = sampler_config(
-        saved_sampler(checkpoint_dir), cfg.sampler, cfg.steps, checkpoint_dir, cfg.noise_scale
+        saved_sampler(checkpoint_dir),
+        cfg.sampler,
+        cfg.steps,
+        checkpoint_dir,
+        cfg.noise_scale,
+        cfg.task_noise_scale,
     )
     policy = load_diffusion_policy(
         checkpoint_dir,

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -371,6 +371,10 @@ class SamplerConfig:
     # distribution; lower values lean toward its modes, and 0 starts every sample from the
     # same point (then DDIM with eta 0 and a consistency student act deterministically).
     noise_scale: float = 1.0
+    # A temperature per task, by task name ({"rotate_red_block_left": 0.5}), for the tasks whose
+    # best temperature differs from ``noise_scale``; the others keep ``noise_scale``. A language
+    # policy applies it to the task its instruction names (its table's task labels).
+    task_noise_scale: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         choose("sampler", self.name, SAMPLERS)
@@ -386,6 +390,22 @@ class SamplerConfig:
                 f"SamplerConfig.noise_scale must be in [0, 1] (1: the learned distribution, 0: its centre), "
                 f"got {self.noise_scale!r}."
             )
+        if not isinstance(self.task_noise_scale, Mapping):
+            raise UserError(
+                f"SamplerConfig.task_noise_scale must map task names to temperatures, got {self.task_noise_scale!r}."
+            )
+        for task, scale in self.task_noise_scale.items():
+            if not (
+                isinstance(task, str)
+                and isinstance(scale, int | float)
+                and not isinstance(scale, bool)
+                and 0.0 <= scale <= 1.0
+            ):
+                raise UserError(
+                    f"SamplerConfig.task_noise_scale maps task names to temperatures in [0, 1]; got {task!r}: {scale!r}."
+                )
+        # A private copy with plain floats: the config is frozen, and YAML may hold ints.
+        object.__setattr__(self, "task_noise_scale", {t: float(v) for t, v in self.task_noise_scale.items()})
 
 
 SAMPLERS = ("ddpm", "ddim", "consistency")

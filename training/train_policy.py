@@ -78,9 +78,10 @@ class SamplerSection:
     eta: float = SamplerConfig.eta
     spacing: str = SamplerConfig.spacing
     noise_scale: float = SamplerConfig.noise_scale
+    task_noise_scale: dict[str, float] = field(default_factory=dict)  # task name -> its own temperature
 
     def build(self) -> SamplerConfig:
-        return SamplerConfig(**vars(self))
+        return SamplerConfig(**{**vars(self), "task_noise_scale": dict(self.task_noise_scale)})
 
 
 @dataclass

@@ -216,3 +216,8 @@ def test_make_sampler(schedule):
         SamplerConfig(num_steps=0)
     with pytest.raises(UserError, match="noise_scale"):
         SamplerConfig(noise_scale=2.0)
+    with pytest.raises(UserError, match=r"task_noise_scale maps task names to temperatures in \[0, 1\]"):
+        SamplerConfig(task_noise_scale={"open_drawer": -0.5})
+    with pytest.raises(UserError, match="task_noise_scale must map task names"):
+        SamplerConfig(task_noise_scale=[("open_drawer", 0.5)])
+    assert SamplerConfig(task_noise_scale={"open_drawer": 0}).task_noise_scale == {"open_drawer": 0.0}

@@ -105,3 +105,63 @@ def test_the_shipped_teacher_labels_from_the_sims_paraphrases(tmp_path):
     config = load_diffusion_policy(out).config
     assert sorted(set(config.instruction_tasks)) == list(range(34))
     assert (out / "bac_schedule.json").is_file()  # calibrated for the same weights: carried along
+
+
+def test_a_temperature_per_task_applies_to_the_task_an_instruction_names(trained, tmp_path):
+    from dreamrt.policies.diffusion_policy import save_diffusion_policy
+    from dreamrt.sim.tasks import task_names
+
+    _, ckpt = trained
+    left_task, right_task = task_names()[:2]  # the store's task ids 0 and 1 ("go left", "go right")
+    path = str(ckpt)
+    policy = load_policy(path, PolicyConfig(path=path, task_noise_scale={left_task: 0.0}))
+    seen_left, seen_right = PARAPHRASES["go left"][0], PARAPHRASES["go right"][0]
+
+    def chunk(instruction, seed):
+        policy.reset(seed)
+        return policy.act({"observation.state": [0.1, -0.2], "task": instruction}).actions
+
+    # DDIM with eta 0 from x_T = 0 is deterministic: the left task's chunks no longer depend on
+    # the seed, whether it is named by a training paraphrase or by a wording grounded to it.
+    for left in (seen_left, UNSEEN_LEFT):
+        assert (chunk(left, 1) == chunk(left, 2)).all()
+        assert policy.instruction_noise_scale(left) == 0.0
+    assert not (chunk(seen_right, 1) == chunk(seen_right, 2)).all()
+    assert policy.instruction_noise_scale(seen_right) == 1.0
+    # Without grounding an unseen wording names no task, and keeps the base temperature.
+    raw = load_policy(path, PolicyConfig(path=path, grounding="none", task_noise_scale={left_task: 0.0}))
+    raw.embed_instructions([UNSEEN_LEFT])
+    assert raw.instruction_noise_scale(UNSEEN_LEFT) == 1.0
+
+    # Saved with the checkpoint; the option lays its entries over the saved ones.
+    saved = save_diffusion_policy(policy, tmp_path / "tempered")
+    both = load_policy(str(saved), PolicyConfig(path=str(saved), task_noise_scale={right_task: 0.5}))
+    assert both.sampler_config.task_noise_scale == {left_task: 0.0, right_task: 0.5}
+    assert both.instruction_noise_scale(seen_right) == 0.5
+    undone = load_policy(str(saved), PolicyConfig(path=str(saved), task_noise_scale={left_task: 1.0}))
+    assert undone.instruction_noise_scale(seen_left) == 1.0
+    assert (
+        load_policy(str(saved), PolicyConfig(path=str(saved), sampler="ddpm")).instruction_noise_scale(
+            seen_left
+        )
+        == 0.0
+    )  # kept across a change of sampler
+
+    with pytest.raises(UserError, match="Did you mean 'rotate_red_block_right'"):
+        load_policy(path, PolicyConfig(path=path, task_noise_scale={"rotate_red_block_rigth": 0.5}))
+    with pytest.raises(UserError, match=r"temperatures in \[0, 1\]"):
+        PolicyConfig(path=path, task_noise_scale={left_task: 1.5})
+    with pytest.raises(UserError, match="maps task names to temperatures"):
+        PolicyConfig(path=path, task_noise_scale=0.5)
+    unlabelled = tmp_path / "unlabelled"
+    saved_ckpt = load_checkpoint(ckpt)
+    save_checkpoint(
+        unlabelled,
+        model_state=saved_ckpt.model_state,
+        config={**saved_ckpt.config, "instruction_tasks": [], "instruction_grounding": "none"},
+        normalizer=saved_ckpt.normalizer,
+        step=saved_ckpt.step,
+        kind=saved_ckpt.kind,
+    )
+    with pytest.raises(UserError, match="needs the task of each instruction row"):
+        load_policy(str(unlabelled), PolicyConfig(path=str(unlabelled), task_noise_scale={left_task: 0.5}))
