@@ -41,7 +41,6 @@ runtime modules, lazily) only when a checkpoint is loaded.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,7 +104,9 @@ class PolicyConfig:
                 f"policy.noise_scale must be in [0, 1] or null (1: the learned distribution), got {self.noise_scale!r}."
             )
         if self.task_noise_scale is not None:
-            self.task_noise_scale = _task_temperatures(self.task_noise_scale)
+            from dreamrt.policies.schedulers import task_temperatures  # torch: only with a checkpoint policy
+
+            self.task_noise_scale = task_temperatures(self.task_noise_scale, "policy.task_noise_scale")
         for name in ("steps", "cache_updates", "n_action_steps", "threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -137,28 +138,6 @@ class PolicyConfig:
             "grounding",
         )
         return {n: getattr(self, n) for n in names if getattr(self, n) != defaults[n].default}
-
-
-def _task_temperatures(value: Any) -> dict[str, float]:
-    example = "policy.task_noise_scale={rotate_red_block_left: 0.5}"
-    if not isinstance(value, Mapping):
-        raise UserError(
-            f"policy.task_noise_scale maps task names to temperatures ({example}); got {value!r}."
-        )
-    out = {}
-    for task, scale in value.items():
-        if not (
-            isinstance(task, str)
-            and isinstance(scale, int | float)
-            and not isinstance(scale, bool)
-            and 0.0 <= scale <= 1.0
-        ):
-            raise UserError(
-                f"policy.task_noise_scale maps task names to temperatures in [0, 1] ({example}); "
-                f"got {task!r}: {scale!r}."
-            )
-        out[task] = float(scale)
-    return out
 
 
 def make_policy(

@@ -41,6 +41,7 @@ import abc
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -390,22 +391,30 @@ class SamplerConfig:
                 f"SamplerConfig.noise_scale must be in [0, 1] (1: the learned distribution, 0: its centre), "
                 f"got {self.noise_scale!r}."
             )
-        if not isinstance(self.task_noise_scale, Mapping):
-            raise UserError(
-                f"SamplerConfig.task_noise_scale must map task names to temperatures, got {self.task_noise_scale!r}."
-            )
-        for task, scale in self.task_noise_scale.items():
-            if not (
-                isinstance(task, str)
-                and isinstance(scale, int | float)
-                and not isinstance(scale, bool)
-                and 0.0 <= scale <= 1.0
-            ):
-                raise UserError(
-                    f"SamplerConfig.task_noise_scale maps task names to temperatures in [0, 1]; got {task!r}: {scale!r}."
-                )
         # A private copy with plain floats: the config is frozen, and YAML may hold ints.
-        object.__setattr__(self, "task_noise_scale", {t: float(v) for t, v in self.task_noise_scale.items()})
+        object.__setattr__(
+            self,
+            "task_noise_scale",
+            task_temperatures(self.task_noise_scale, "SamplerConfig.task_noise_scale"),
+        )
+
+
+def task_temperatures(value: Any, where: str) -> dict[str, float]:
+    """``value`` checked as a {task name: temperature in [0, 1]} mapping, with float values."""
+    example = f"{where}={{rotate_red_block_left: 0.5}}"
+    if not isinstance(value, Mapping):
+        raise UserError(f"{where} maps task names to temperatures ({example}); got {value!r}.")
+    for task, scale in value.items():
+        if not (
+            isinstance(task, str)
+            and isinstance(scale, int | float)
+            and not isinstance(scale, bool)
+            and 0.0 <= scale <= 1.0
+        ):
+            raise UserError(
+                f"{where} maps task names to temperatures in [0, 1] ({example}); got {task!r}: {scale!r}."
+            )
+    return {task: float(scale) for task, scale in value.items()}
 
 
 SAMPLERS = ("ddpm", "ddim", "consistency")

@@ -218,6 +218,6 @@ def test_make_sampler(schedule):
         SamplerConfig(noise_scale=2.0)
     with pytest.raises(UserError, match=r"task_noise_scale maps task names to temperatures in \[0, 1\]"):
         SamplerConfig(task_noise_scale={"open_drawer": -0.5})
-    with pytest.raises(UserError, match="task_noise_scale must map task names"):
+    with pytest.raises(UserError, match=r"task_noise_scale maps task names to temperatures \(SamplerConfig"):
         SamplerConfig(task_noise_scale=[("open_drawer", 0.5)])
     assert SamplerConfig(task_noise_scale={"open_drawer": 0}).task_noise_scale == {"open_drawer": 0.0}
