@@ -688,9 +688,8 @@ class DiffusionPolicy(nn.Module):
                 obs, prefix, weights, generator=self._generator, noise_scale=noise_scale
             )[0]
         else:
-            actions = self.predict_actions(obs, generator=self._generator, noise_scale=noise_scale)[
-                0
-            ]  # (H, A)
+            predicted = self.predict_actions(obs, generator=self._generator, noise_scale=noise_scale)
+            actions = predicted[0]  # (H, A)
         chunk = actions[first : first + c.n_action_steps].float().cpu().numpy()  # (Ta, A)
         info = {
             "sampler": self.sampler_config.name

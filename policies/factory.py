@@ -240,10 +240,8 @@ def sampler_config(
         base["num_steps"] = steps if steps is not None else saved.get("num_steps")
     else:
         base = {"num_steps": steps if steps is not None else DEFAULT_STEPS[name]}
-        for temperature in (
-            "noise_scale",
-            "task_noise_scale",
-        ):  # a property of the policy, not of one sampler
+        # The temperatures are the policy's, not one sampler's: they carry over.
+        for temperature in ("noise_scale", "task_noise_scale"):
             if temperature in saved:
                 base[temperature] = saved[temperature]
     if noise_scale is not None:
