@@ -81,7 +81,7 @@ class SamplerSection:
     task_noise_scale: dict[str, float] = field(default_factory=dict)  # task name -> its own temperature
 
     def build(self) -> SamplerConfig:
-        return SamplerConfig(**{**vars(self), "task_noise_scale": dict(self.task_noise_scale)})
+        return SamplerConfig(**vars(self))
 
 
 @dataclass
