@@ -62,6 +62,15 @@ COMMANDS: tuple[Command, ...] = (
         job="dreamrt.sim.evaluate:run",
     ),
     Command(
+        name="eval compare",
+        summary="Two evaluations of the same episodes, paired: the change in average length (or success) with its standard error, per task.",
+        config="eval_compare",
+        schema="dreamrt.sim.compare:CompareConfig",
+        job="dreamrt.sim.compare:run",
+        positional=("baseline", "candidate"),
+        writes_outputs=False,
+    ),
+    Command(
         name="record",
         summary="Record demonstrations (scripted expert by default) into an episode store: out=PATH episodes=N.",
         config="record",

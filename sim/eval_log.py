@@ -113,6 +113,12 @@ def open_episode_log(run_dir: Path, cfg: Any, resume: bool) -> EpisodeLog:
     return EpisodeLog(path, file, finished)
 
 
+def read_episode_log(path: str | Path) -> tuple[dict[str, Any], dict[int, FinishedEpisode]]:
+    """(outcome settings, finished episodes by index) of an episode log, e.g. of a running evaluation."""
+    settings, finished, _ = _read(Path(path))
+    return settings, finished
+
+
 def _read(path: Path) -> tuple[dict[str, Any], dict[int, FinishedEpisode], int]:
     """(settings, finished episodes by index, bytes up to the last complete line)."""
     data = path.read_bytes()
