@@ -123,17 +123,21 @@ def compare_runs(baseline: EvalRun, candidate: EvalRun) -> dict[str, Any]:
         se = math.sqrt(sum((d - mean_diff) ** 2 for d in diffs) / (n - 1) / n)
     else:
         se = float("nan")
+    longest = max(len(baseline.episodes[i][0]) for i in common)
     return {
         "baseline": str(baseline.source),
         "candidate": str(candidate.source),
         "episodes": {"common": n, "baseline": len(baseline.episodes), "candidate": len(candidate.episodes)},
-        "metric": "avg_len" if max(len(baseline.episodes[i][0]) for i in common) > 1 else "success",
+        "metric": "avg_len" if longest > 1 else "success",
         "baseline_mean": sum(before) / n,
         "candidate_mean": sum(after) / n,
         "baseline_se": _se(before),
         "candidate_se": _se(after),
         "difference": mean_diff,
         "paired_se": se,
+        # SR_k on the common episodes: the share that completed at least k subtasks.
+        "baseline_sr": _success_rates(before, longest),
+        "candidate_sr": _success_rates(after, longest),
         "longer": sum(d > 0 for d in diffs),
         "shorter": sum(d < 0 for d in diffs),
         "same": sum(d == 0 for d in diffs),
@@ -142,6 +146,10 @@ def compare_runs(baseline: EvalRun, candidate: EvalRun) -> dict[str, Any]:
         ),
         "settings_changed": _changed_settings(baseline.settings, candidate.settings),
     }
+
+
+def _success_rates(done: list[int], longest: int) -> list[float]:
+    return [sum(d >= k for d in done) / len(done) for k in range(1, longest + 1)]
 
 
 def _se(values: list[int]) -> float:
@@ -220,6 +228,11 @@ def format_comparison(c: dict[str, Any], show_tasks: int = 12) -> str:
         f"episodes   {e['common']} in common{partial}",
         f"{name:10s} {c['baseline_mean']:.3f} (s.e. {c['baseline_se']:.3f}) -> {c['candidate_mean']:.3f} "
         f"(s.e. {c['candidate_se']:.3f})",
+        *(
+            [f"SR1..SR{len(c['baseline_sr'])}   {_rates(c['baseline_sr'])} -> {_rates(c['candidate_sr'])}"]
+            if c["metric"] == "avg_len"
+            else []
+        ),
         f"change     {c['difference']:+.3f}, paired s.e. {c['paired_se']:.3f}  "
         f"(95%: {c['difference'] - 1.96 * c['paired_se']:+.3f} .. {c['difference'] + 1.96 * c['paired_se']:+.3f})",
         f"episodes   {c['longer']} better, {c['shorter']} worse, {c['same']} the same",
@@ -241,6 +254,10 @@ def format_comparison(c: dict[str, Any], show_tasks: int = 12) -> str:
                 f"{_rate(r['candidate_successes'], r['candidate_attempts']):>16s} {r['z']:+6.2f}"
             )
     return "\n".join(lines)
+
+
+def _rates(values: list[float]) -> str:
+    return " / ".join(f"{v:.3f}" for v in values)
 
 
 def _rate(successes: int, attempts: int) -> str:

@@ -63,9 +63,11 @@ def test_compare_pairs_two_evaluations_chain_by_chain(runs, tmp_path, capsys):
     # Only what was changed between the runs is listed: the policy.
     assert c["settings_changed"] == {"policy.name": ["expert", "random"]}
     assert "policy.name: 'expert' -> 'random'" in printed and "paired s.e." in printed
-    # Per task, the rates the evaluation itself reported.
+    # SR1..SR5 and per task, the rates the evaluation itself reported.
     for side, run_dir in (("baseline", runs / "expert"), ("candidate", runs / "random")):
-        reported = json.loads((run_dir / "results.json").read_text())["per_task"]
+        reported = json.loads((run_dir / "results.json").read_text())
+        assert c[f"{side}_sr"] == pytest.approx(reported["sr"])
+        reported = reported["per_task"]
         rows = {t: r for t, r in c["per_task"].items() if r[f"{side}_attempts"]}
         assert {t: r[f"{side}_successes"] / r[f"{side}_attempts"] for t, r in rows.items()} == pytest.approx(
             reported
