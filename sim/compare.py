@@ -118,11 +118,6 @@ def compare_runs(baseline: EvalRun, candidate: EvalRun) -> dict[str, Any]:
     after = [candidate.episodes[i][1] for i in common]
     diffs = [b - a for a, b in zip(before, after)]
     n = len(common)
-    mean_diff = sum(diffs) / n
-    if n > 1:
-        se = math.sqrt(sum((d - mean_diff) ** 2 for d in diffs) / (n - 1) / n)
-    else:
-        se = float("nan")
     longest = max(len(baseline.episodes[i][0]) for i in common)
     return {
         "baseline": str(baseline.source),
@@ -133,8 +128,8 @@ def compare_runs(baseline: EvalRun, candidate: EvalRun) -> dict[str, Any]:
         "candidate_mean": sum(after) / n,
         "baseline_se": _se(before),
         "candidate_se": _se(after),
-        "difference": mean_diff,
-        "paired_se": se,
+        "difference": sum(diffs) / n,
+        "paired_se": _se(diffs),
         # SR_k on the common episodes: the share that completed at least k subtasks.
         "baseline_sr": _success_rates(before, longest),
         "candidate_sr": _success_rates(after, longest),
@@ -152,10 +147,11 @@ def _success_rates(done: list[int], longest: int) -> list[float]:
     return [sum(d >= k for d in done) / len(done) for k in range(1, longest + 1)]
 
 
-def _se(values: list[int]) -> float:
+def _se(values: list[int]) -> float | None:
+    """The standard error of the mean (None for a single value)."""
     n = len(values)
     if n < 2:
-        return float("nan")
+        return None
     mean = sum(values) / n
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
@@ -166,15 +162,7 @@ def _per_task(before: list, after: list) -> dict[str, dict[str, int]]:
     for side, episodes in (("baseline", before), ("candidate", after)):
         for tasks, done in episodes:
             for k, task in enumerate(tasks[: done + 1]):
-                row = table.setdefault(
-                    task,
-                    {
-                        "baseline_attempts": 0,
-                        "baseline_successes": 0,
-                        "candidate_attempts": 0,
-                        "candidate_successes": 0,
-                    },
-                )
+                row = table.setdefault(task, dict.fromkeys(COUNTS, 0))
                 row[f"{side}_attempts"] += 1
                 row[f"{side}_successes"] += k < done
     for row in table.values():
@@ -226,15 +214,14 @@ def format_comparison(c: dict[str, Any], show_tasks: int = 12) -> str:
         f"baseline   {c['baseline']}",
         f"candidate  {c['candidate']}",
         f"episodes   {e['common']} in common{partial}",
-        f"{name:10s} {c['baseline_mean']:.3f} (s.e. {c['baseline_se']:.3f}) -> {c['candidate_mean']:.3f} "
-        f"(s.e. {c['candidate_se']:.3f})",
+        f"{name:10s} {c['baseline_mean']:.3f} (s.e. {_num(c['baseline_se'])}) -> {c['candidate_mean']:.3f} "
+        f"(s.e. {_num(c['candidate_se'])})",
         *(
             [f"SR1..SR{len(c['baseline_sr'])}   {_rates(c['baseline_sr'])} -> {_rates(c['candidate_sr'])}"]
             if c["metric"] == "avg_len"
             else []
         ),
-        f"change     {c['difference']:+.3f}, paired s.e. {c['paired_se']:.3f}  "
-        f"(95%: {c['difference'] - 1.96 * c['paired_se']:+.3f} .. {c['difference'] + 1.96 * c['paired_se']:+.3f})",
+        f"change     {c['difference']:+.3f}, paired s.e. {_num(c['paired_se'])}" + _interval(c),
         f"episodes   {c['longer']} better, {c['shorter']} worse, {c['same']} the same",
     ]
     changed = c["settings_changed"]
@@ -254,6 +241,17 @@ def format_comparison(c: dict[str, Any], show_tasks: int = 12) -> str:
                 f"{_rate(r['candidate_successes'], r['candidate_attempts']):>16s} {r['z']:+6.2f}"
             )
     return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _interval(c: dict[str, Any]) -> str:
+    if c["paired_se"] is None:
+        return ""
+    low, high = c["difference"] - 1.96 * c["paired_se"], c["difference"] + 1.96 * c["paired_se"]
+    return f"  (95%: {low:+.3f} .. {high:+.3f})"
 
 
 def _rates(values: list[float]) -> str:
