@@ -25,9 +25,9 @@ from omegaconf import MISSING
 from dreamrt.errors import UserError
 from dreamrt.jobs import JobResult
 from dreamrt.sim.eval_log import LOG_FILE, read_episode_log
+from dreamrt.sim.protocol import success_rates, task_counts
 
 RESULTS_FILE = "results.json"
-COUNTS = ("baseline_attempts", "baseline_successes", "candidate_attempts", "candidate_successes")
 
 
 @dataclass
@@ -131,8 +131,8 @@ def compare_runs(baseline: EvalRun, candidate: EvalRun) -> dict[str, Any]:
         "difference": sum(diffs) / n,
         "paired_se": _se(diffs),
         # SR_k on the common episodes: the share that completed at least k subtasks.
-        "baseline_sr": _success_rates(before, longest),
-        "candidate_sr": _success_rates(after, longest),
+        "baseline_sr": success_rates(before, longest),
+        "candidate_sr": success_rates(after, longest),
         "longer": sum(d > 0 for d in diffs),
         "shorter": sum(d < 0 for d in diffs),
         "same": sum(d == 0 for d in diffs),
@@ -141,10 +141,6 @@ def compare_runs(baseline: EvalRun, candidate: EvalRun) -> dict[str, Any]:
         ),
         "settings_changed": _changed_settings(baseline.settings, candidate.settings),
     }
-
-
-def _success_rates(done: list[int], longest: int) -> list[float]:
-    return [sum(d >= k for d in done) / len(done) for k in range(1, longest + 1)]
 
 
 def _se(values: list[int]) -> float | None:
@@ -156,22 +152,21 @@ def _se(values: list[int]) -> float | None:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def _per_task(before: list, after: list) -> dict[str, dict[str, int]]:
-    """Per task, attempts and successes in each run: a chain attempts its subtasks up to the first failure."""
-    table: dict[str, dict[str, int]] = {}
-    for side, episodes in (("baseline", before), ("candidate", after)):
-        for tasks, done in episodes:
-            for k, task in enumerate(tasks[: done + 1]):
-                row = table.setdefault(task, dict.fromkeys(COUNTS, 0))
-                row[f"{side}_attempts"] += 1
-                row[f"{side}_successes"] += k < done
-    for row in table.values():
+def _per_task(before: list, after: list) -> dict[str, dict[str, Any]]:
+    """Per task, attempts and successes in each run (protocol.task_counts) and the change's z."""
+    sides = {side: task_counts(episodes) for side, episodes in (("baseline", before), ("candidate", after))}
+    table: dict[str, dict[str, Any]] = {}
+    for task in set(sides["baseline"]) | set(sides["candidate"]):
+        row = {}
+        for side, counts in sides.items():
+            row[f"{side}_attempts"], row[f"{side}_successes"] = counts.get(task, (0, 0))
         row["z"] = _two_proportion_z(
             row["baseline_successes"],
             row["baseline_attempts"],
             row["candidate_successes"],
             row["candidate_attempts"],
         )
+        table[task] = row
     return dict(sorted(table.items(), key=lambda kv: (-abs(kv[1]["z"]), kv[0])))
 
 

@@ -465,19 +465,30 @@ def summarize(results: Sequence[ChainResult]) -> dict:
     if not results:
         raise UserError("summarize() needs at least one ChainResult, got none; run some chains first.")
     n = len(results)
-    attempts: dict[str, int] = {}
-    successes: dict[str, int] = {}
-    for r in results:
-        for i, task in enumerate(r.tasks[: r.num_success + 1]):
-            attempts[task] = attempts.get(task, 0) + 1
-            successes[task] = successes.get(task, 0) + int(i < r.num_success)
+    counts = task_counts([(r.tasks, r.num_success) for r in results])
     return {
         "avg_len": sum(r.num_success for r in results) / n,
-        "sr": [sum(r.num_success >= k for r in results) / n for k in range(1, CHAIN_LENGTH + 1)],
-        "per_task": {t: successes[t] / attempts[t] for t in task_names() if t in attempts},
+        "sr": success_rates([r.num_success for r in results], CHAIN_LENGTH),
+        "per_task": {t: counts[t][1] / counts[t][0] for t in task_names() if t in counts},
         "num_chains": n,
         "chains": [{"tasks": list(r.tasks), "num_success": r.num_success} for r in results],
     }
+
+
+def task_counts(results: Sequence[tuple[Sequence[str], int]]) -> dict[str, tuple[int, int]]:
+    """{task: (attempts, successes)} over (tasks, num_success) episodes of any length: an episode
+    attempts its tasks up to and including the first failure."""
+    counts: dict[str, tuple[int, int]] = {}
+    for tasks, num_success in results:
+        for i, task in enumerate(tasks[: num_success + 1]):
+            attempts, successes = counts.get(task, (0, 0))
+            counts[task] = (attempts + 1, successes + int(i < num_success))
+    return counts
+
+
+def success_rates(num_success: Sequence[int], length: int) -> list[float]:
+    """SR_1..SR_length: the share of chains whose first k tasks all succeeded."""
+    return [sum(done >= k for done in num_success) / len(num_success) for k in range(1, length + 1)]
 
 
 @functools.lru_cache(maxsize=1)
