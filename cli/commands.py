@@ -101,6 +101,14 @@ COMMANDS: tuple[Command, ...] = (
         writes_outputs=False,
     ),
     Command(
+        name="interpolate",
+        summary="Blend two checkpoints of one policy network: weights (1 - alpha) * base + alpha * other (e.g. a fine-tune and its start).",
+        config="interpolate",
+        schema="dreamrt.training.interpolate:InterpolateConfig",
+        job="dreamrt.training.interpolate:run",
+        writes_outputs=False,
+    ),
+    Command(
         name="bac calibrate",
         summary="Record sub-block outputs over a sampler's steps and write a BAC caching schedule (bac_schedule.json).",
         config="bac_calibrate",

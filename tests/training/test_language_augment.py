@@ -53,9 +53,10 @@ def test_a_mix_stays_in_its_tasks_span_and_on_the_unit_sphere():
     assert (noisy[rows == 5] - table[5]).abs().max() > 0.01
 
 
-def paraphrase_store(path, episodes=24, length=20, seed=0, with_task_id=True):
+def paraphrase_store(path, episodes=24, length=20, seed=0, with_task_id=True, first_goal=0):
     """The toy reaching store, each episode's goal named by one of three paraphrases, and
-    ``observation.task_id`` naming the goal."""
+    ``observation.task_id`` naming the goal; goals alternate from ``first_goal`` (which decides
+    the order of the store's instruction table)."""
     rng = np.random.default_rng(seed)
     features = {
         "observation.state": {"dtype": "float32", "shape": [2]},
@@ -65,13 +66,14 @@ def paraphrase_store(path, episodes=24, length=20, seed=0, with_task_id=True):
         features["observation.task_id"] = {"dtype": "int64", "shape": []}
     with create_store(path, features, fps=30) as writer:
         for e in range(episodes):
-            goal_name = list(GOALS)[e % 2]
+            goal = (e + first_goal) % 2
+            goal_name = list(GOALS)[goal]
             task = PARAPHRASES[goal_name][(e // 2) % 3]
             p = rng.uniform(-1.0, 1.0, 2)
             for a in expert_actions(p, GOALS[goal_name], length):
                 frame = {"observation.state": p.astype(np.float32), "action": a}
                 if with_task_id:
-                    frame["observation.task_id"] = np.int64(e % 2)
+                    frame["observation.task_id"] = np.int64(goal)
                 writer.add_frame(frame, task=task)
                 p = p + DT * a
             writer.end_episode()
