@@ -28,9 +28,7 @@ INSTRUCTION_TABLE = "instruction_embeddings"
 
 @dataclass
 class InterpolateConfig:
-    base: str = (
-        ""  # the checkpoint whose config and normaliser the result keeps (directory or shipped:<name>)
-    )
+    base: str = ""  # the checkpoint whose config and normaliser the result keeps (or shipped:<name>)
     other: str = ""  # the checkpoint to blend in, e.g. a fine-tune of base
     alpha: float = 0.5  # 0: base's weights; 1: other's
     out: str = ""  # the new checkpoint directory (must not exist)
@@ -78,13 +76,13 @@ def interpolate_policies(base_path: str, other_path: str, alpha: float, out: str
     state = {}
     for name, a in base.model_state.items():
         b = other.model_state[name]
-        if a.shape != b.shape and name != INSTRUCTION_TABLE:
+        if name == INSTRUCTION_TABLE:  # one row per instruction of each config: sizes may differ
+            _check_tables_agree(base_cfg.instructions, a, other_cfg.instructions, b)
+            state[name] = a
+        elif a.shape != b.shape:
             raise UserError(
                 f"'{name}' has shape {tuple(a.shape)} in {base.path} and {tuple(b.shape)} in {other.path}."
             )
-        if name == INSTRUCTION_TABLE:
-            _check_tables_agree(base_cfg.instructions, a, other_cfg.instructions, b)
-            state[name] = a
         elif not a.is_floating_point():
             if not torch.equal(a, b):
                 raise UserError(
