@@ -14,11 +14,7 @@ executable part ``prediction[To-1 : To-1+Ta]`` (the step of the current observat
 the Ta - 1 after it), as Diffusion Policy does. The history must hold consecutive control
 steps as in training, so a caller executing a chunk passes the observations of the steps in
 between to ``observe(observation)``; without them the history would span Ta steps instead of
-one (``PolicySpec.n_obs_steps > 1`` tells a caller that it matters). With
-``config.chunk_candidates`` K > 1, ``act`` samples K sequences as one batch and executes the
-one that best continues the previous call's (:mod:`dreamrt.policies.coherence`; the steps
-observed in between give the shift); ``act_guided`` samples one, as guidance already ties it to
-the previous chunk.
+one (``PolicySpec.n_obs_steps > 1`` tells a caller that it matters).
 
 Sampler plug point. ``policy.sampler`` is any object with
 ``sample(denoise, x_T, generator=...) -> x0`` where ``denoise(x_t, t) -> model output``
@@ -59,7 +55,6 @@ from torch import Tensor, nn
 
 from dreamrt.episodes.normalize import Normalizer
 from dreamrt.errors import UserError, did_you_mean
-from dreamrt.policies.coherence import pick_coherent
 from dreamrt.policies.dpt import DPT, DPTConfig
 from dreamrt.policies.encoders import TASK_EMBEDDING_KEY, TASK_KEY, ObsEncoderConfig, ObservationEncoder
 from dreamrt.policies.grounding import GROUNDING_MODES, Grounding, InstructionGrounder
@@ -110,9 +105,6 @@ class DiffusionPolicyConfig:
     # normalises every other input. Without it the language signal reaches DP-T so weakly that a
     # two-instruction toy task is not learned in 400 steps (with it: the same as the state-only task).
     instruction_scale: float = math.sqrt(EMBED_DIM)
-    # Chunks sampled per act(); above 1 the one most coherent with the previous chunk is executed
-    # (dreamrt.policies.coherence, Bidirectional Decoding's backward coherence). 1: a plain sample.
-    chunk_candidates: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, Mapping) or isinstance(self.model, Mapping):
@@ -131,11 +123,6 @@ class DiffusionPolicyConfig:
                 f"n_action_steps (Ta) must be an int in 1..horizon - n_obs_steps + 1 = {h - to + 1} (the executed "
                 f"actions are prediction[To-1 : To-1+Ta]), got {self.n_action_steps!r} with horizon={h}, "
                 f"n_obs_steps={to}. Lower n_action_steps or raise the horizon."
-            )
-        k = self.chunk_candidates
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise UserError(
-                f"chunk_candidates must be a positive integer (1: one sample per chunk), got {self.chunk_candidates!r}."
             )
         if not self.action_key:
             raise UserError(
@@ -284,10 +271,6 @@ class DiffusionPolicy(nn.Module):
         )
         self._history: deque[dict[str, np.ndarray]] = deque(maxlen=config.n_obs_steps)
         self._generator = torch.Generator().manual_seed(0)
-        # The last executed chunk, normalised (H, A), and the control steps observed since: what
-        # the next chunk is made coherent with when config.chunk_candidates > 1.
-        self._plan: Tensor | None = None
-        self._steps_since_plan = 0
         # Plug point for a caching denoiser (BAC, dreamrt.runtime.bac.CachedDenoiser): a callable
         # taking the observation features (B, To, O) and returning denoise(x_t, t) for one chunk.
         # None runs the plain network. Set by whoever loads the policy; policies never import runtime.
@@ -631,7 +614,6 @@ class DiffusionPolicy(nn.Module):
     def reset(self, seed: int | None = None) -> None:
         """Clear the observation history; ``seed`` restarts the sampling noise (None: keep its stream)."""
         self._history.clear()
-        self._plan = None
         if seed is not None:
             self._generator = torch.Generator(device=self.device).manual_seed(int(seed))
         elif self._generator.device != self.device:
@@ -656,7 +638,6 @@ class DiffusionPolicy(nn.Module):
                     f"{sorted(observation)}; this policy reads {[*c.lowdim_keys, *c.image_keys]}."
                 )
             frame[key] = np.array(observation[key])  # a copy: callers may reuse their buffers
-        self._steps_since_plan += 1
         if not self._history:
             self._history.extend([frame] * c.n_obs_steps)  # pad the history by repeating the first step
         else:
@@ -707,10 +688,8 @@ class DiffusionPolicy(nn.Module):
                 obs, prefix, weights, generator=self._generator, noise_scale=noise_scale
             )[0]
         else:
-            actions = self._sample_chunk(obs, noise_scale)
-        if c.chunk_candidates > 1:
-            self._plan = self.norms[_module_key(c.action_key)].normalize(actions.float())
-            self._steps_since_plan = 0
+            predicted = self.predict_actions(obs, generator=self._generator, noise_scale=noise_scale)
+            actions = predicted[0]  # (H, A)
         chunk = actions[first : first + c.n_action_steps].float().cpu().numpy()  # (Ta, A)
         info = {
             "sampler": self.sampler_config.name
@@ -725,18 +704,6 @@ class DiffusionPolicy(nn.Module):
                 info["instruction_grounded_as"] = self.config.instructions[grounding.row]
                 info["instruction_grounding_confidence"] = grounding.confidence
         return ActionChunk(actions=chunk, info=info)
-
-    def _sample_chunk(self, obs: dict[str, Any], noise_scale: float | None) -> Tensor:
-        """One (H, A) action sequence for a batch-1 observation: a sample, or the most coherent of several."""
-        k = self.config.chunk_candidates
-        if k == 1:
-            return self.predict_actions(obs, generator=self._generator, noise_scale=noise_scale)[0]
-        batch = {key: value.expand(k, *value.shape[1:]) for key, value in obs.items()}
-        # (K, H, A): one batch, so K samples cost far less than K calls for a small network
-        candidates = self.predict_actions(batch, generator=self._generator, noise_scale=noise_scale)
-        normalized = self.norms[_module_key(self.config.action_key)].normalize(candidates.float())
-        best = pick_coherent(normalized, self._plan, self._steps_since_plan, self.config.n_obs_steps - 1)
-        return candidates[best]
 
 
 # ---------------------------------------------------------------------------- building, saving, loading
@@ -786,15 +753,13 @@ def load_diffusion_policy(
     *,
     n_action_steps: int | None = None,
     instruction_grounding: str | None = None,
-    chunk_candidates: int | None = None,
     device: str | torch.device = "cpu",
 ) -> DiffusionPolicy:
     """Load a ``dpt_policy`` checkpoint (a checkpoint directory, or a run directory for its newest one).
 
     ``sampler`` replaces the sampler saved in the checkpoint, ``n_action_steps`` its executed
     chunk length (Ta; the network and its weights do not depend on it), ``instruction_grounding``
-    how it reads instructions outside its table, ``chunk_candidates`` how many chunks it samples
-    per call to execute the most coherent one. The policy comes back
+    how it reads instructions outside its table. The policy comes back
     in eval mode, on ``device``, reset with seed 0.
     """
     from dreamrt.training.checkpoint import config_from_dict, load_checkpoint, load_into
@@ -807,8 +772,6 @@ def load_diffusion_policy(
         config = replace(config, n_action_steps=n_action_steps)  # re-validated by the config
     if instruction_grounding is not None:
         config = replace(config, instruction_grounding=instruction_grounding)
-    if chunk_candidates is not None:
-        config = replace(config, chunk_candidates=chunk_candidates)
     policy = DiffusionPolicy(config, Normalizer.from_dict(ckpt.normalizer))
     load_into(policy, ckpt)
     policy.eval().requires_grad_(False).to(device)

@@ -25,10 +25,6 @@ defaults load the checkpoint exactly as saved:
 - ``n_action_steps``: how many actions of each predicted chunk are executed before the next
   inference (the checkpoint's Ta; at most horizon - n_obs_steps + 1). Fewer re-plan more often:
   more reactive, more inference calls.
-- ``candidates``: action chunks sampled per inference (a batch of K); above 1 the policy
-  executes the one most coherent with the previous chunk's remaining actions (backward
-  coherence of Bidirectional Decoding, :mod:`dreamrt.policies.coherence`). Null: the
-  checkpoint's (1, a plain sample). The K samples run as one batch, with any backend and cache.
 - ``threads``: the CPU threads of the backend's pool (torch's intra-op threads, or
   onnxruntime's). With onnxruntime, torch is set to one thread: what is left to it (the
   sampler arithmetic on a (1, H, A) tensor) gains nothing from more, and its idle workers
@@ -83,7 +79,6 @@ class PolicyConfig:
     cache_updates: int | None = None  # update steps per block: uniform's budget (null: 10); bac: checked
     backend: str = "torch"  # torch | onnxruntime (exports <checkpoint>/onnx on first use)
     n_action_steps: int | None = None  # actions executed per chunk (Ta); null: the checkpoint's
-    candidates: int | None = None  # chunks sampled per act (the most coherent runs); null: the checkpoint's
     threads: int | None = None  # CPU threads of the backend's pool; null: the library default
     # How an instruction outside the policy's table is read: none | task (dreamrt.policies.grounding);
     # null: the checkpoint's instruction_grounding.
@@ -112,7 +107,7 @@ class PolicyConfig:
             from dreamrt.policies.schedulers import task_temperatures  # torch: only with a checkpoint policy
 
             self.task_noise_scale = task_temperatures(self.task_noise_scale, "policy.task_noise_scale")
-        for name in ("steps", "cache_updates", "n_action_steps", "candidates", "threads"):
+        for name in ("steps", "cache_updates", "n_action_steps", "threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise UserError(f"policy.{name} must be a positive integer or null, got {value!r}.")
@@ -139,7 +134,6 @@ class PolicyConfig:
             "cache_updates",
             "backend",
             "n_action_steps",
-            "candidates",
             "threads",
             "grounding",
         )
@@ -275,7 +269,6 @@ def _load_diffusion_policy(
         sampler=sampler,
         n_action_steps=cfg.n_action_steps,
         instruction_grounding=cfg.grounding,
-        chunk_candidates=cfg.candidates,
     )
     schedule = cache_schedule(policy, cfg, checkpoint_dir, bac_schedule)
     _set_threads(cfg)

@@ -318,37 +318,3 @@ def test_act_guided_inpaints_towards_the_prefix_and_is_act_without_weights(sampl
         policy.act_guided(obs(0), np.zeros((TA + H, 2), np.float32), np.ones(TA + H, np.float32))
     with pytest.raises(UserError, match="act_guided"):
         policy.act_guided(obs(0), target, np.array([2.0, 0.0, 0.0], np.float32))
-
-
-def test_chunk_candidates_execute_the_sample_that_continues_the_previous_plan():
-    from dreamrt.policies.coherence import coherence_costs
-
-    k = 6
-    policy = make_policy(sampler=SamplerConfig(name="ddpm", num_steps=10))
-    policy.config = replace(policy.config, chunk_candidates=k)
-    g = torch.Generator().manual_seed(5)
-    norm = policy.norms["action"]
-
-    def candidates(*frames):  # the K samples act() draws, from the same noise stream
-        w = {key: v.expand(k, *v.shape[1:]) for key, v in window(*frames).items()}
-        return policy.predict_actions(w, generator=g)
-
-    policy.reset(5)
-    first = policy.act(obs(0)).actions
-    batch = candidates(obs(0), obs(0))
-    no_plan_yet = batch[0, TO - 1 : TO - 1 + TA].numpy()  # a plain sample: the batch's first
-    np.testing.assert_array_equal(first, no_plan_yet)
-    plan = norm.normalize(batch[0])
-    for i in range(1, TA):
-        policy.observe(obs(i))  # executing the chunk: Ta - 1 more steps before the next act
-    second = policy.act(obs(TA)).actions
-    batch = candidates(obs(TA - 1), obs(TA))
-    costs = coherence_costs(norm.normalize(batch), plan, shift=TA, first=TO - 1)
-    best = int(torch.argmin(costs))
-    np.testing.assert_array_equal(second, batch[best, TO - 1 : TO - 1 + TA].numpy())
-    assert costs[best] < costs.mean()  # the samples differ, and the pick is the closest
-
-    policy.reset(5)  # forgets the plan: the first chunk is the first sample again
-    np.testing.assert_array_equal(policy.act(obs(0)).actions, first)
-    with pytest.raises(UserError, match="chunk_candidates"):
-        replace(policy.config, chunk_candidates=0)

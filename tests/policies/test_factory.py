@@ -1,4 +1,4 @@
-"""The policy factory: built-ins, checkpoints, and the runtime options sampler/steps/cache/backend/n_action_steps/candidates/threads."""
+"""The policy factory: built-ins, checkpoints, and the runtime options sampler/steps/cache/backend/n_action_steps/threads."""
 
 import math
 
@@ -251,14 +251,6 @@ def test_n_action_steps_option_executes_a_prefix_of_the_same_prediction(ddim_ckp
         load_policy(path, PolicyConfig(path=path, n_action_steps=too_long))
 
 
-def test_candidates_option_reaches_the_policy(ddim_ckpt):
-    path = str(ddim_ckpt)
-    four = load_policy(path, PolicyConfig(path=path, candidates=4))
-    assert four.config.chunk_candidates == 4  # what it does: test_diffusion_policy's chunk_candidates test
-    assert chunk(four).shape == chunk(load_policy(path, PolicyConfig(path=path))).shape
-    np.testing.assert_array_equal(chunk(four), chunk(four))  # still reproducible from the seed
-
-
 # ---------------------------------------------------------------------------- mistakes
 
 
@@ -272,7 +264,6 @@ def test_candidates_option_reaches_the_policy(ddim_ckpt):
         ({"threads": -1}, "policy.threads"),
         ({"cache_updates": 5}, "needs a cache"),
         ({"n_action_steps": 0}, "policy.n_action_steps must be a positive integer"),
-        ({"candidates": 0}, "policy.candidates must be a positive integer"),
         ({"noise_scale": 1.5}, r"policy.noise_scale must be in \[0, 1\]"),
         ({"noise_scale": -0.1}, r"policy.noise_scale must be in \[0, 1\]"),
     ],
